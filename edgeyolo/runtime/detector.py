@@ -1,0 +1,95 @@
+"""``Detector``: a bundle's engine wrapped in YOLOv5's pre- and post-processing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle, load_bundle
+from .detections import Detections
+from .images import as_bgr
+from .postprocess import decode_sigmoid_head, non_max_suppression, scale_boxes
+from .preprocess import LetterboxSettings, letterbox, to_input
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage by the last ``detect`` call (read by ``bench``)."""
+
+    preprocess: float = 0.0
+    inference: float = 0.0
+    postprocess: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Detector:
+    """Detect objects with one bundle's engine; ``detect()`` is all most callers need."""
+
+    def __init__(self, bundle: Bundle, engine, conf: float = 0.25, iou: float = 0.45, max_det: int = 300):
+        self.bundle = bundle
+        self.engine = engine
+        manifest = bundle.manifest
+        self.letterbox = LetterboxSettings.from_dict(manifest["preprocess"])
+        self.layout = manifest["input"].get("layout", "NCHW")
+        self.output = manifest["output"]
+        self.names = manifest["names"]
+        self.conf, self.iou, self.max_det = conf, iou, max_det
+        self.last_times = StageTimes()
+
+    @property
+    def info(self) -> dict:
+        return {"target": self.bundle.target["name"], **self.engine.info}
+
+    def detect(self, images, conf: float | None = None, iou: float | None = None, max_det: int | None = None,
+               multi_label: bool = False, agnostic: bool = False, classes=None):
+        """Detect in one image (path, BGR array or PIL image) or a list of them.
+
+        Returns ``Detections`` for one image, a list of them for a list.
+        """
+        single = not isinstance(images, (list, tuple))
+        results = [
+            self._detect_one(as_bgr(image), conf, iou, max_det, multi_label, agnostic, classes)
+            for image in ([images] if single else images)
+        ]
+        return results[0] if single else results
+
+    __call__ = detect
+
+    def _detect_one(self, image, conf, iou, max_det, multi_label, agnostic, classes) -> Detections:
+        t0 = time.perf_counter()
+        boxed, info = letterbox(image, self.letterbox)
+        batch = to_input(boxed, self.layout)
+        t1 = time.perf_counter()
+        raw = self.engine.infer(batch)
+        t2 = time.perf_counter()
+        pred = self.decode(raw, info.input_hw)[0]
+        rows = non_max_suppression(
+            pred, self.conf if conf is None else conf, self.iou if iou is None else iou,
+            self.max_det if max_det is None else max_det, multi_label=multi_label, agnostic=agnostic, classes=classes,
+        )
+        rows[:, :4] = scale_boxes(rows[:, :4], info)
+        t3 = time.perf_counter()
+        self.last_times = StageTimes(preprocess=t1 - t0, inference=t2 - t1, postprocess=t3 - t2)
+        return Detections.from_rows(rows, self.names, image_hw=info.orig_hw)
+
+    def decode(self, raw: np.ndarray, input_hw) -> np.ndarray:
+        """The engine's output in YOLOv5's decoded layout (boxes in input pixels)."""
+        raw = np.asarray(raw, dtype=np.float32)
+        if self.output["head"] == "sigmoid":
+            return decode_sigmoid_head(raw, input_hw, self.output["strides"], self.output["anchors"])
+        return raw
+
+
+def load(bundle: str | Path | Bundle, verify: bool = True, conf: float = 0.25, iou: float = 0.45,
+         max_det: int = 300, **engine_options) -> Detector:
+    """Open a bundle folder and return its ``Detector`` (checksums verified first)."""
+    from ..backends import backend_module
+
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle, verify=verify)
+    backend = backend_module(engine_options.pop("backend", None) or bundle.backend)
+    engine = backend.Engine(bundle, **engine_options)
+    return Detector(bundle, engine, conf=conf, iou=iou, max_det=max_det)

@@ -1,0 +1,123 @@
+"""Head decoding, class-aware NMS and box rescaling in numpy, mirroring YOLOv5's own."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .preprocess import LetterboxInfo
+
+MAX_WH = 7680  # class offset for batched NMS (as YOLOv5)
+MAX_NMS = 30000  # boxes kept for NMS, highest scores first
+
+
+def decode_sigmoid_head(raw: np.ndarray, input_hw: tuple[int, int], strides, anchors) -> np.ndarray:
+    """Turn a sigmoid head ``(B, N, 5+nc)`` into YOLOv5's decoded layout (boxes in input pixels).
+
+    Rows follow (level, anchor, y, x); ``anchors`` are per level, in pixels, flat (w0, h0, w1, h1, ...).
+    """
+    grid_xy, anchor_wh, stride = _grids(input_hw, tuple(strides), tuple(map(tuple, anchors)))
+    out = raw.astype(np.float32, copy=True)
+    out[..., 0:2] = (out[..., 0:2] * 2 + grid_xy) * stride
+    out[..., 2:4] = (out[..., 2:4] * 2) ** 2 * anchor_wh
+    return out
+
+
+_GRID_CACHE: dict = {}
+
+
+def _grids(input_hw, strides, anchors):
+    key = (tuple(input_hw), strides, anchors)
+    if key not in _GRID_CACHE:
+        grid_xy, anchor_wh, stride_col = [], [], []
+        h, w = input_hw
+        for s, level_anchors in zip(strides, anchors):
+            ny, nx = h // s, w // s
+            pairs = np.asarray(level_anchors, dtype=np.float32).reshape(-1, 2)
+            yv, xv = np.meshgrid(np.arange(ny, dtype=np.float32), np.arange(nx, dtype=np.float32), indexing="ij")
+            cells = np.stack((xv, yv), -1).reshape(-1, 2) - 0.5
+            for anchor in pairs:
+                grid_xy.append(cells)
+                anchor_wh.append(np.broadcast_to(anchor, cells.shape))
+                stride_col.append(np.full((len(cells), 1), s, dtype=np.float32))
+        _GRID_CACHE[key] = tuple(np.concatenate(x).astype(np.float32) for x in (grid_xy, anchor_wh, stride_col))
+    return _GRID_CACHE[key]
+
+
+def xywh2xyxy(xywh: np.ndarray) -> np.ndarray:
+    xyxy = np.empty_like(xywh)
+    half = xywh[:, 2:4] / 2
+    xyxy[:, 0:2] = xywh[:, 0:2] - half
+    xyxy[:, 2:4] = xywh[:, 0:2] + half
+    return xyxy
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS over xyxy boxes (torchvision's semantics); indices kept, best first."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = (x2 - x1) * (y2 - y1)
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter + 1e-12)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def non_max_suppression(
+    pred: np.ndarray,
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.45,
+    max_det: int = 300,
+    multi_label: bool = False,
+    agnostic: bool = False,
+    classes=None,
+) -> np.ndarray:
+    """One image's decoded head ``(N, 5+nc)`` → ``(K, 6)`` rows of x1, y1, x2, y2, score, class.
+
+    Scores are objectness × class probability. ``multi_label`` keeps a box once per class
+    above the threshold (as YOLOv5's val.py); otherwise only its best class (as detect.py).
+    """
+    x = pred[pred[:, 4] > conf_thres]
+    if not len(x):
+        return np.zeros((0, 6), dtype=np.float32)
+    cls_scores = x[:, 5:] * x[:, 4:5]
+    boxes = xywh2xyxy(x[:, :4])
+    if multi_label:
+        i, j = np.nonzero(cls_scores > conf_thres)
+        boxes, scores, labels = boxes[i], cls_scores[i, j], j
+    else:
+        labels = cls_scores.argmax(1)
+        scores = cls_scores[np.arange(len(labels)), labels]
+        keep = scores > conf_thres
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    if classes is not None:
+        keep = np.isin(labels, np.asarray(classes))
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    if not len(scores):
+        return np.zeros((0, 6), dtype=np.float32)
+    if len(scores) > MAX_NMS:
+        top = np.argsort(-scores, kind="stable")[:MAX_NMS]
+        boxes, scores, labels = boxes[top], scores[top], labels[top]
+    offsets = 0 if agnostic else labels[:, None].astype(np.float32) * MAX_WH
+    kept = nms(boxes + offsets, scores, iou_thres)[:max_det]
+    return np.concatenate(
+        (boxes[kept], scores[kept, None], labels[kept, None].astype(np.float32)), axis=1
+    ).astype(np.float32)
+
+
+def scale_boxes(xyxy: np.ndarray, info: LetterboxInfo) -> np.ndarray:
+    """Map boxes from the letterboxed input back to the original image, clipped to it."""
+    out = xyxy.copy()
+    out[:, [0, 2]] -= info.pad[0]
+    out[:, [1, 3]] -= info.pad[1]
+    out /= info.ratio
+    h, w = info.orig_hw
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)
+    return out
