@@ -107,3 +107,19 @@ def cached_reference_bundle(weights, target: str = "cpu-fp32") -> Bundle:
 def open_bundle_or_weights(spec) -> Bundle:
     """A bundle folder as is; anything else is treated as weights and built for cpu-fp32."""
     return load_bundle(spec) if is_bundle(spec) else cached_reference_bundle(spec)
+
+
+def prepare_calibration(weights, target: Target, spec, size=None, seed: int = 0, imgsz=None):
+    """The calibration set for ``target``, letterboxed exactly as the built engine's inputs will be."""
+    from .calibration import load_calibration
+    from .model.weights import resolve_weights as _resolve
+
+    stride = _max_stride(_resolve(weights))
+    letterbox = LetterboxSettings(imgsz=check_imgsz(imgsz or target.imgsz, stride), auto=False, stride=stride)
+    calib = target.calibration
+    return load_calibration(spec, letterbox, size=size if size is not None else calib.get("size"),
+                            seed=seed if seed else int(calib.get("seed", 0)))
+
+
+def _max_stride(weights_path: Path) -> int:
+    return load_model(weights_path).model.imgsz_multiple

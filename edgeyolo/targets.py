@@ -16,13 +16,17 @@ from .errors import EdgeYoloError
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def targets_dir() -> Path:
-    """``targets/`` beside the package in a checkout, or inside the installed wheel."""
+def data_dir(name: str) -> Path:
+    """A top-level data folder (``targets``, ``calibration``): in a checkout, or inside the installed wheel."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "targets", here.parent / "targets"):
+    for candidate in (here / "_data" / name, here.parent / name):
         if candidate.is_dir():
             return candidate
-    raise EdgeYoloError("the targets/ folder is missing from this installation")
+    raise EdgeYoloError(f"the {name}/ folder is missing from this installation")
+
+
+def targets_dir() -> Path:
+    return data_dir("targets")
 
 
 @dataclass(frozen=True)

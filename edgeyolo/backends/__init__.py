@@ -22,6 +22,9 @@ from ..errors import EdgeYoloError
 # backend name -> (module, pip extra that installs what it needs)
 BACKENDS: dict[str, tuple[str, str]] = {
     "onnxruntime": ("edgeyolo.backends.onnxruntime", "onnxruntime"),
+    "openvino": ("edgeyolo.backends.openvino", "openvino"),
+    "tflite": ("edgeyolo.backends.tflite", "litert"),
+    "tensorrt": ("edgeyolo.backends.tensorrt", "tensorrt"),
 }
 
 

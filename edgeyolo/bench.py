@@ -1,0 +1,77 @@
+"""Latency, throughput and memory of a ``Detector``, end to end and per stage."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class BenchResult:
+    fps: float
+    latency_ms: dict
+    stages_ms: dict
+    peak_rss_mb: float
+    iters: int
+    warmup: int
+    backend: str
+    threads: int | str | None
+    target: str
+    input_shape: list
+    device: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentiles(samples_s: list[float]) -> dict:
+    ms = np.asarray(samples_s) * 1000.0
+    return {"p50": round(float(np.percentile(ms, 50)), 3), "p90": round(float(np.percentile(ms, 90)), 3),
+            "p99": round(float(np.percentile(ms, 99)), 3), "mean": round(float(ms.mean()), 3)}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (the engine, buffers and the runtime)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def synthetic_image(height: int = 720, width: int = 1280, seed: int = 0) -> np.ndarray:
+    """A deterministic noise image, for benchmarks without an image at hand."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def benchmark(detector, images: list[np.ndarray], iters: int = 100, warmup: int = 10) -> BenchResult:
+    """Time ``detector.detect`` over ``images`` (cycled) after ``warmup`` untimed calls."""
+    if iters < 1 or warmup < 0:
+        raise ValueError("iters must be >= 1 and warmup >= 0")
+    for i in range(warmup):
+        detector.detect(images[i % len(images)])
+    totals, stages = [], {"preprocess": [], "inference": [], "postprocess": []}
+    for i in range(iters):
+        start = time.perf_counter()
+        detector.detect(images[i % len(images)])
+        totals.append(time.perf_counter() - start)
+        for name in stages:
+            stages[name].append(getattr(detector.last_times, name))
+    engine = detector.engine
+    device = engine.memory_stats() if hasattr(engine, "memory_stats") else {}
+    info = detector.info
+    return BenchResult(
+        fps=round(len(totals) / sum(totals), 2),
+        latency_ms=percentiles(totals),
+        stages_ms={name: percentiles(values) for name, values in stages.items()},
+        peak_rss_mb=peak_rss_mb(),
+        iters=iters,
+        warmup=warmup,
+        backend=info.get("backend", "?"),
+        threads=info.get("threads"),
+        target=info.get("target", "?"),
+        input_shape=list(detector.bundle.manifest["input"]["shape"]),
+        device={"cpu_count": os.cpu_count(), **device},
+    )

@@ -1,0 +1,76 @@
+"""Shared fixtures: the real files in ../shared/fixtures (skipped cleanly where absent) and built bundles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("EDGEYOLO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+
+def fixture_path(*parts: str) -> Path:
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"fixture {path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def yolov5n_pt() -> Path:
+    return fixture_path("weights", "yolov5n.pt")
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list[Path]:
+    return [fixture_path("images", "bus.jpg"), fixture_path("images", "zidane.jpg")]
+
+
+@pytest.fixture(scope="session")
+def coco_val() -> Path:
+    return fixture_path("coco-val-500")
+
+
+@pytest.fixture(scope="session")
+def coco128() -> Path:
+    return fixture_path("coco128")
+
+
+@pytest.fixture(scope="session")
+def expected_dir() -> Path:
+    return fixture_path("expected")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Never touch the user's ~/.cache/edgeyolo from tests."""
+    cache = tmp_path_factory.mktemp("edgeyolo-cache")
+    old = os.environ.get("EDGEYOLO_CACHE")
+    os.environ["EDGEYOLO_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("EDGEYOLO_CACHE", None)
+    else:
+        os.environ["EDGEYOLO_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def cpu_fp32_bundle(yolov5n_pt, tmp_path_factory) -> Path:
+    """The reference bundle, built once per test session."""
+    from edgeyolo.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "cpu-fp32"
+    build_bundle(yolov5n_pt, "cpu-fp32", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def coco128_calibration(yolov5n_pt, coco128):
+    """coco128 letterboxed for 640x640 engines (every image; the default size asks for 300)."""
+    from edgeyolo.build import prepare_calibration
+    from edgeyolo.targets import Target
+
+    target = Target(name="test-int8", backend="onnxruntime", precision="int8")
+    return prepare_calibration(yolov5n_pt, target, coco128 / "images", size=128)
