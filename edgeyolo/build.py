@@ -89,6 +89,15 @@ def compose_manifest(checkpoint, weights_path: Path, target: Target, export: Exp
     return manifest
 
 
+def compile_portable(path) -> Path:
+    """Compile a portable bundle's engine on this device (backends that defer their build, e.g. TensorRT)."""
+    bundle = load_bundle(path)
+    backend = backend_module(bundle.backend)
+    if not hasattr(backend, "compile_bundle"):
+        raise EdgeYoloError(f"{path}: already built for {bundle.target['name']}; nothing to compile on this device")
+    return backend.compile_bundle(bundle)
+
+
 def cached_reference_bundle(weights, target: str = "cpu-fp32") -> Bundle:
     """A bundle for ``weights`` built once into the cache (so ``detect yolov5n.pt`` just works)."""
     from .model.weights import cache_dir

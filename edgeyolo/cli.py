@@ -107,7 +107,7 @@ def export(weights, imgsz, opset, head, dynamic_batch, dynamic_shape, output):
 # --------------------------------------------------------------------------- build
 @cli.command()
 @click.argument("weights")
-@click.option("-t", "--target", "target_name", required=True, help="Target name (see 'edgeyolo targets') or .toml path.")
+@click.option("-t", "--target", "target_name", help="Target name (see 'edgeyolo targets') or .toml path.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Bundle folder [default: WEIGHTS stem-TARGET].")
 @click.option("--imgsz", type=int, multiple=True, help="Override the target's input size (h [w]).")
 @click.option("--calib", help="Calibration images for INT8: a folder, a text file of paths, or a named set.")
@@ -117,11 +117,22 @@ def export(weights, imgsz, opset, head, dynamic_batch, dynamic_shape, output):
 @click.option("--max-drop", type=float, default=0.5, show_default=True,
               help="With --val: the largest allowed mAP50-95 drop, in points, versus cpu-fp32.")
 def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, val, max_drop):
-    """Compile WEIGHTS for a target into a bundle folder (engine + manifest.json)."""
-    from .build import BuildOptions, build_bundle, prepare_calibration
+    """Compile WEIGHTS for a target into a bundle folder (engine + manifest.json).
+
+    WEIGHTS may also be a portable bundle (e.g. jetson-int8 built on a workstation):
+    its engine is then compiled here, on the device, and cached beside it.
+    """
+    from .build import BuildOptions, build_bundle, compile_portable, prepare_calibration
+    from .bundle import is_bundle
     from .gate import accuracy_gate
     from .targets import load_target
 
+    if is_bundle(weights):
+        engine = compile_portable(weights)
+        err.print(f"compiled {engine} for this device", highlight=False)
+        return
+    if not target_name:
+        raise EdgeYoloError("pass --target (see 'edgeyolo targets')")
     target = load_target(target_name)
     dest = Path(output or f"{Path(weights).stem}-{target.name}")
     size = None if not imgsz else (tuple(imgsz) if len(imgsz) == 2 else (imgsz[0], imgsz[0]))
