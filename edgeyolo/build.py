@@ -89,13 +89,23 @@ def compose_manifest(checkpoint, weights_path: Path, target: Target, export: Exp
     return manifest
 
 
-def compile_portable(path) -> Path:
-    """Compile a portable bundle's engine on this device (backends that defer their build, e.g. TensorRT)."""
+def compile_portable(path, calib=None, calib_size=None, calib_seed: int = 0) -> Path:
+    """Compile a portable bundle's engine on this device (backends that defer their build, e.g. TensorRT).
+
+    ``calib`` feeds backends that calibrate on the device (TensorRT < 10.1's implicit INT8),
+    letterboxed with the bundle's own preprocessing.
+    """
     bundle = load_bundle(path)
     backend = backend_module(bundle.backend)
     if not hasattr(backend, "compile_bundle"):
         raise EdgeYoloError(f"{path}: already built for {bundle.target['name']}; nothing to compile on this device")
-    return backend.compile_bundle(bundle)
+    if calib is None:
+        return backend.compile_bundle(bundle)
+    from .calibration import load_calibration
+
+    letterbox = LetterboxSettings.from_dict(bundle.manifest["preprocess"])
+    calibration = load_calibration(calib, letterbox, size=calib_size, seed=calib_seed)
+    return backend.compile_bundle(bundle, calibration=calibration)
 
 
 def cached_reference_bundle(weights, target: str = "cpu-fp32") -> Bundle:
@@ -113,21 +123,16 @@ def cached_reference_bundle(weights, target: str = "cpu-fp32") -> Bundle:
     return build_bundle(weights_path, target, out)
 
 
-def open_bundle_or_weights(spec) -> Bundle:
-    """A bundle folder as is; anything else is treated as weights and built for cpu-fp32."""
-    return load_bundle(spec) if is_bundle(spec) else cached_reference_bundle(spec)
-
-
 def prepare_calibration(weights, target: Target, spec, size=None, seed: int = 0, imgsz=None):
     """The calibration set for ``target``, letterboxed exactly as the built engine's inputs will be."""
-    from .calibration import load_calibration
+    from .calibration import DEFAULT_SIZE, load_calibration
     from .model.weights import resolve_weights as _resolve
 
     stride = _max_stride(_resolve(weights))
     letterbox = LetterboxSettings(imgsz=check_imgsz(imgsz or target.imgsz, stride), auto=False, stride=stride)
     calib = target.calibration
-    return load_calibration(spec, letterbox, size=size if size is not None else calib.get("size"),
-                            seed=seed if seed else int(calib.get("seed", 0)))
+    return load_calibration(spec, letterbox, size=size, seed=seed if seed else int(calib.get("seed", 0)),
+                            default_size=int(calib.get("size", DEFAULT_SIZE)))
 
 
 def _max_stride(weights_path: Path) -> int:

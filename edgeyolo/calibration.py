@@ -73,18 +73,16 @@ def images_digest(hashes: list[str]) -> str:
 
 
 def load_calibration(spec: str | Path, letterbox_settings: LetterboxSettings, size: int | None = None,
-                     seed: int = 0) -> CalibrationSet:
+                     seed: int = 0, default_size: int = DEFAULT_SIZE) -> CalibrationSet:
     """Sample up to ``size`` readable images from ``spec`` (folder, list file or named set) and letterbox them.
 
-    ``size=None`` means the default (300), or every image where there are fewer (with a warning).
-    An explicit ``size`` larger than the usable images is an error.
+    ``size=None`` means ``default_size`` (a target's own, or 300), or every image where there are
+    fewer (with a warning). An explicit ``size`` larger than the usable images is an error.
     """
     if size is not None and size < 1:
         raise EdgeYoloError(f"--calib-size must be positive, not {size}")
     candidates = list_candidates(spec)
-    wanted = DEFAULT_SIZE if size is None else size
-    if wanted < MIN_RECOMMENDED:
-        log.warning("calibrating on %d images; %d or more give more reliable INT8 ranges", wanted, MIN_RECOMMENDED)
+    wanted = default_size if size is None else size
     order = list(candidates)
     random.Random(seed).shuffle(order)
     images, boxed, hashes, skipped = [], [], [], []
@@ -110,8 +108,11 @@ def load_calibration(spec: str | Path, letterbox_settings: LetterboxSettings, si
                 f"{spec}: only {len(images)} usable calibration images, but --calib-size {size} was requested"
             )
         log.warning("calibration: only %d usable images in %s (default is %d); using all of them",
-                    len(images), spec, DEFAULT_SIZE)
-    return CalibrationSet(source=str(spec), letterbox=letterbox_settings, images=images, letterboxed=boxed,
+                    len(images), spec, default_size)
+    if len(images) < MIN_RECOMMENDED:
+        log.warning("calibrating on %d images; %d or more give more reliable INT8 ranges", len(images), MIN_RECOMMENDED)
+    source = str(Path(spec).resolve()) if Path(spec).exists() else str(spec)  # a named set stays a name
+    return CalibrationSet(source=source, letterbox=letterbox_settings, images=images, letterboxed=boxed,
                           image_hashes=hashes, skipped=skipped, candidates=len(candidates), seed=seed)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -17,8 +18,9 @@ from ._version import __version__
 from .errors import EdgeYoloError
 from .log import log
 
-err = Console(stderr=True)
-out = Console()
+# Tables keep their shape when piped to a file or a log.
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
+out = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 class _OneLineErrors(click.Group):
@@ -28,7 +30,7 @@ class _OneLineErrors(click.Group):
         try:
             return super().invoke(ctx)
         except EdgeYoloError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(getattr(exc, "exit_code", 2))
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -39,7 +41,7 @@ class _WarningHandler(logging.Handler):
     def emit(self, record):
         level = record.levelname.lower()
         style = {"warning": "yellow", "error": "red"}.get(level, "dim")
-        err.print(f"[{style}]{level}:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
+        err.print(f"[{style}]{level}:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,6 +61,17 @@ def progress_bar(label: str, total: int):
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+def _open_model(spec):
+    """A bundle folder as is; weights are built into a cached cpu-fp32 bundle (torch is imported only then)."""
+    from .bundle import is_bundle, load_bundle
+
+    if is_bundle(spec):
+        return load_bundle(spec)
+    from .build import cached_reference_bundle
+
+    return cached_reference_bundle(spec)
 
 
 def _print_json(data) -> None:
@@ -128,7 +141,7 @@ def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, va
     from .targets import load_target
 
     if is_bundle(weights):
-        engine = compile_portable(weights)
+        engine = compile_portable(weights, calib, calib_size, calib_seed)
         err.print(f"compiled {engine} for this device", highlight=False)
         return
     if not target_name:
@@ -170,13 +183,12 @@ def _report_accuracy(acc: dict) -> None:
 @click.option("--save-dir", type=click.Path(file_okay=False), help="Save annotated images/videos here.")
 def detect(model, sources, conf, iou, max_det, as_json, save_dir):
     """Detect objects in images, folders, globs or videos with a bundle (or weights, built for cpu-fp32)."""
-    from .build import open_bundle_or_weights
     from .runtime import load
     from .runtime.images import read_image
     from .sources import resolve_sources, video_fps, video_frames
 
     inputs = resolve_sources(list(sources))
-    detector = load(open_bundle_or_weights(model), conf=conf, iou=iou, max_det=max_det)
+    detector = load(_open_model(model), conf=conf, iou=iou, max_det=max_det)
     save = Path(save_dir) if save_dir else None
     if save:
         save.mkdir(parents=True, exist_ok=True)
@@ -238,13 +250,12 @@ def _detect_video(detector, path: Path, save: Path | None, video_frames, video_f
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(model, data, backend, per_class, limit, as_json):
     """COCO mAP50-95 / mAP50 of a bundle (or weights) on a labelled dataset, as YOLOv5's val.py runs it."""
-    from .build import open_bundle_or_weights
     from .datasets import load_dataset
     from .evaluate import evaluate
     from .gate import load_for_eval
 
     dataset = load_dataset(data)
-    detector = load_for_eval(open_bundle_or_weights(model), backend=backend)
+    detector = load_for_eval(_open_model(model), backend=backend)
     total = min(len(dataset), limit) if limit else len(dataset)
     with progress_bar(f"eval {detector.bundle.target['name']}", total) as advance:
         result = evaluate(detector, dataset, per_class=per_class, progress=advance, limit=limit)
@@ -270,13 +281,12 @@ def eval_cmd(model, data, backend, per_class, limit, as_json):
 def bench(model, iters, warmup, image_source, threads, as_json):
     """On-device latency (p50/p90/p99), FPS, per-stage times and peak memory of a bundle."""
     from .bench import benchmark, synthetic_image
-    from .build import open_bundle_or_weights
     from .runtime import load
     from .runtime.images import read_image
     from .sources import resolve_sources
 
     options = {"threads": threads} if threads is not None else {}
-    detector = load(open_bundle_or_weights(model), **options)
+    detector = load(_open_model(model), **options)
     if image_source:
         images = [read_image(s.path) for s in resolve_sources([image_source]) if s.kind == "image"][:16]
     else:
@@ -291,6 +301,32 @@ def bench(model, iters, warmup, image_source, threads, as_json):
         table.add_row(stage, *(f"{values[k]:.2f}" for k in ("p50", "p90", "p99")))
     out.print(table)
     out.print(f"FPS {result.fps:.1f}   peak RSS {result.peak_rss_mb:.0f} MB")
+
+
+# --------------------------------------------------------------------------- compare
+@cli.command(name="compare")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", help="Also evaluate each bundle on this labelled dataset (COCO mAP).")
+@click.option("--limit", type=int, help="With --data: only the first N images.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Benchmark rounds, bundles taking turns.")
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def compare_cmd(bundles, data, limit, rounds, iters, as_json):
+    """Compare bundles side by side: mAP, FPS, latency, peak memory and size."""
+    from .compare import compare
+
+    with progress_bar("benchmarking", rounds * len(bundles)) as advance:
+        rows = compare([Path(b) for b in bundles], data=data, limit=limit, rounds=rounds, iters=iters,
+                       progress=advance)
+    if as_json:
+        return _print_json(rows)
+    table = Table("target", "backend", "precision", "mAP50-95", "mAP50", "FPS", "p50 ms", "p99 ms", "peak RSS MB",
+                  "size MB", title=f"median of {rounds} alternating rounds of {iters} frames")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["target"], r["backend"], r["precision"], fmt(r["map50_95"]), fmt(r["map50"]), fmt(r["fps"]),
+                      fmt(r["p50_ms"]), fmt(r["p99_ms"]), f"{r['peak_rss_mb']:.0f}", fmt(r["size_mb"]))
+    out.print(table)
 
 
 # --------------------------------------------------------------------------- info

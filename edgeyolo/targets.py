@@ -61,7 +61,7 @@ class Target:
 
 
 def list_targets() -> list[Target]:
-    return [read_target(p) for p in sorted(targets_dir().glob("*.toml"))]
+    return [read_target(p) for p in sorted(targets_dir().glob("*.toml"), key=lambda p: p.stem)]
 
 
 def load_target(spec: str | Path) -> Target:

@@ -56,6 +56,17 @@ def _isolated_cache(tmp_path_factory):
         os.environ["EDGEYOLO_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _restore_edgeyolo_logger():
+    """In-process CLI runs (CliRunner) route the package logger to stderr; undo that after each test."""
+    import logging
+
+    logger = logging.getLogger("edgeyolo")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
 @pytest.fixture(scope="session")
 def cpu_fp32_bundle(yolov5n_pt, tmp_path_factory) -> Path:
     """The reference bundle, built once per test session."""
@@ -74,3 +85,13 @@ def coco128_calibration(yolov5n_pt, coco128):
 
     target = Target(name="test-int8", backend="onnxruntime", precision="int8")
     return prepare_calibration(yolov5n_pt, target, coco128 / "images", size=128)
+
+
+@pytest.fixture(scope="session")
+def cpu_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
+    """cpu-int8 (the Q/DQ ONNX the NVIDIA int8 targets share), calibrated on coco128, built once per session."""
+    from edgeyolo.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "cpu-int8"
+    build_bundle(yolov5n_pt, "cpu-int8", out, calibration=coco128_calibration)
+    return out

@@ -88,15 +88,23 @@ def read_pickle_safely(path: Path):
         with torch.serialization.safe_globals(_STAND_INS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found:
             raise EdgeYoloError(
                 f"{path}: refused, the checkpoint names '{found.group(1)}', which is not a tensor or a "
                 "YOLOv5 class (nothing from it was run)"
             ) from None
-        raise EdgeYoloError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
+        raise EdgeYoloError(f"{path}: corrupt or not a checkpoint ({_unpickler_reason(exc)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError) as exc:
         raise EdgeYoloError(f"{path}: corrupt or truncated checkpoint ({_first_line(exc)})") from None
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The specific line of torch's long weights-only message (e.g. 'Unsupported operand 107')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    specific = [line for line in lines if not line.startswith(boilerplate)]
+    return specific[0][:200] if specific else _first_line(exc)
 
 
 def _first_line(exc: Exception) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..bundle import sha256_file
 from ..errors import EdgeYoloError
 
 RELEASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.0/{name}.pt"
@@ -32,14 +32,6 @@ CACHE_ENV = "EDGEYOLO_CACHE"
 def cache_dir() -> Path:
     """``$EDGEYOLO_CACHE`` or ``~/.cache/edgeyolo``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "edgeyolo")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_weights(spec: str | Path) -> Path:
