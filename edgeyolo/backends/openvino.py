@@ -1,0 +1,142 @@
+"""OpenVINO: Intel CPUs. FP32/FP16 IR from our ONNX; INT8 by NNCF post-training quantisation.
+
+The bundle holds an OpenVINO IR (``model.xml`` + ``model.bin``). Target options (the
+``[openvino]`` table, copied to the manifest) steer both the build and the engine:
+
+- ``preset``, ``activations_range``, ``fast_bias_correction``: NNCF's INT8 settings (INT8 targets only);
+- ``performance_hint`` (``LATENCY`` or ``THROUGHPUT``), ``threads`` (0 = OpenVINO's choice),
+  ``inference_precision`` (``f32`` pins full precision where the CPU would otherwise run
+  bf16, as on AVX512-BF16/AMX parts): the compiled model's properties.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeYoloError
+from . import BuildResult, require
+
+NAME = "openvino"
+ENGINE_FILE = "model.xml"
+WEIGHTS_FILE = "model.bin"
+DEVICE = "CPU"
+HINTS = ("LATENCY", "THROUGHPUT")
+PRESETS = ("performance", "mixed")
+# NNCF's ways to turn observed activations into INT8 ranges (RangeEstimatorParametersSet)
+RANGES = ("histogram", "minmax", "mean_minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile")
+
+
+# --------------------------------------------------------------------------- build
+def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResult:
+    ov = require("openvino", NAME)
+    options = target.backend_options
+    model = ov.convert_model(str(onnx_path))
+    info = {"version": ov.__version__}
+    if target.precision == "int8":
+        model, info["nncf_version"], info["ignored_nodes"] = quantize(model, target, calibration, options)
+    # save_model compresses weights to FP16 unless told not to; only the fp16 target wants that.
+    ov.save_model(model, str(out_dir / ENGINE_FILE), compress_to_fp16=target.precision == "fp16")
+    return BuildResult(files={"engine": ENGINE_FILE, "weights": WEIGHTS_FILE}, info=info)
+
+
+def quantize(model, target, calibration, options: dict):
+    """INT8 post-training quantisation with NNCF, calibrated on the set's letterboxed batches.
+
+    Returns (quantized model, nncf version, how many nodes were kept out of INT8).
+    """
+    nncf = require("nncf", NAME)
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    where = target.path or target.name
+    preset = str(options.get("preset", "mixed")).lower()
+    if preset not in PRESETS:
+        raise EdgeYoloError(f"{where}: [openvino] preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    ranges = str(options.get("activations_range", "histogram")).lower()
+    if ranges not in RANGES:
+        raise EdgeYoloError(f"{where}: [openvino] activations_range must be one of {', '.join(RANGES)}, not {ranges!r}")
+    fast_bias_correction = bool(options.get("fast_bias_correction", True))
+    ignored = decode_node_names(model) if target.head == "decoded" else []
+    calibration.method = (f"nncf-ptq-{preset}-{ranges.replace('_', '-')}"
+                          + ("-fast-bias-correction" if fast_bias_correction else "-bias-correction"))
+    advanced = AdvancedQuantizationParameters(
+        activations_range_estimator_params=getattr(RangeEstimatorParametersSet, ranges.upper()))
+    quantized = nncf.quantize(
+        model, nncf.Dataset(list(calibration.batches("NCHW", target.batch))),
+        preset=getattr(nncf.QuantizationPreset, preset.upper()),
+        target_device=nncf.TargetDevice.CPU,
+        subset_size=len(calibration),
+        fast_bias_correction=fast_bias_correction,
+        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
+        advanced_parameters=advanced,
+    )
+    return quantized, nncf.__version__, len(ignored)
+
+
+def decode_node_names(model) -> list[str]:
+    """Names of the detection head's decode: everything downstream of the first Reshape after a convolution.
+
+    A YOLOv5 backbone and neck contain no Reshape, so this is exactly the per-level
+    reshape, sigmoid, grid/anchor arithmetic and the final concat, whose outputs mix pixel
+    coordinates (0..640) with probabilities (0..1) that one INT8 scale cannot serve.
+    """
+    starts = [op for op in model.get_ordered_ops() if op.get_type_name() == "Reshape" and _after_convolution(op)]
+    names, stack = set(), list(starts)
+    while stack:
+        op = stack.pop()
+        if op.get_type_name() in ("Result", "Constant") or op.get_friendly_name() in names:
+            continue
+        names.add(op.get_friendly_name())
+        for output in op.outputs():
+            stack.extend(target.get_node() for target in output.get_target_inputs())
+    return sorted(names)
+
+
+def _after_convolution(op) -> bool:
+    producer = op.input_value(0).get_node()
+    if producer.get_type_name() == "Add":  # the convolution's bias
+        producer = producer.input_value(0).get_node()
+    return producer.get_type_name() == "Convolution"
+
+
+# --------------------------------------------------------------------------- engine
+def compile_properties(options: dict, threads: int, performance_hint: str) -> dict:
+    """The compiled model's properties from the target options and the caller's overrides."""
+    hint = performance_hint.upper()
+    if hint not in HINTS:
+        raise EdgeYoloError(f"performance hint must be one of {', '.join(HINTS)}, not {performance_hint!r}")
+    properties = {"PERFORMANCE_HINT": hint}
+    if threads:
+        properties["INFERENCE_NUM_THREADS"] = int(threads)
+    if options.get("inference_precision"):
+        properties["INFERENCE_PRECISION_HINT"] = str(options["inference_precision"])
+    return properties
+
+
+class Engine:
+    """The bundle's IR compiled for the CPU; one infer request reused for every call."""
+
+    def __init__(self, bundle, threads: int | None = None, performance_hint: str | None = None, **_):
+        ov = require("openvino", NAME)
+        opts = bundle.manifest.get("backend", {}).get("options", {})
+        threads = opts.get("threads", 0) if threads is None else threads
+        threads = int(os.environ.get("EDGEYOLO_THREADS", threads))
+        hint = performance_hint or opts.get("performance_hint", "LATENCY")
+        core = ov.Core()
+        model = core.read_model(str(bundle.file("engine")), str(bundle.file("weights")))
+        self.compiled = core.compile_model(model, DEVICE, compile_properties(opts, threads, hint))
+        self.request = self.compiled.create_infer_request()
+        self.info = {
+            "backend": NAME, "version": ov.__version__, "device": DEVICE,
+            "performance_hint": str(self.compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
+            "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")) or threads or os.cpu_count(),
+            "streams": int(self.compiled.get_property("NUM_STREAMS")),
+            "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
+        }
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        # share_inputs avoids one copy of the input; outputs are copied so a result outlives the next call.
+        return self.request.infer({0: batch}, share_inputs=True, share_outputs=False)[0]
