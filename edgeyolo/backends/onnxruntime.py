@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import EdgeYoloError
 from . import BuildResult, require
 
 NAME = "onnxruntime"
@@ -19,10 +20,23 @@ _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exten
 
 def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResult:
     ort = require("onnxruntime", NAME)
+    if target.precision == "int8":
+        return _build_int8(onnx_path, target, out_dir, calibration, ort.__version__)
     if target.precision != "fp32":
-        raise NotImplementedError(f"onnxruntime {target.precision} builds are not supported")
+        raise EdgeYoloError(f"onnxruntime targets are fp32 or int8, not {target.precision}")
     shutil.copyfile(onnx_path, out_dir / ENGINE_FILE)
     return BuildResult(files={"engine": ENGINE_FILE, "onnx": ENGINE_FILE}, info={"version": ort.__version__})
+
+
+def _build_int8(onnx_path: Path, target, out_dir: Path, calibration, version: str) -> BuildResult:
+    """The explicit-INT8 (Q/DQ) ONNX, run by ONNX Runtime's integer CPU kernels."""
+    from ..quantize import QuantizeSettings, quantize_onnx
+
+    if calibration is None:
+        raise EdgeYoloError(f"target {target.name} is INT8 and needs calibration images (--calib)")
+    facts = quantize_onnx(onnx_path, out_dir / ENGINE_FILE, calibration, QuantizeSettings.from_target(target))
+    return BuildResult(files={"engine": ENGINE_FILE, "onnx": ENGINE_FILE},
+                       info={"version": version, "quantization": facts})
 
 
 def session_options(threads: int = 0, graph_optimization: str = "all"):

@@ -1,0 +1,318 @@
+"""Explicit INT8: our ONNX → a Q/DQ ONNX calibrated on the user's images (ONNX Runtime's quantiser).
+
+The Q/DQ ONNX is the portable INT8 artefact. ONNX Runtime runs it on a CPU (``cpu-int8``)
+and TensorRT compiles it on the device (``cuda-int8``, ``jetson-int8``), so its accuracy is
+measured on any machine before a device is flashed.
+
+The placement, chosen for TensorRT and measured on ONNX Runtime (coco-val-500, YOLOv5n):
+
+- weights int8, symmetric, per output channel; activations int8, symmetric (zero point 0, the
+  only form TensorRT takes), stored as uint8 around 128 for ONNX Runtime's x86 integer kernels
+  (``backends/trt/encoding.py`` turns that into int8 exactly);
+- activation ranges: by default each calibration image's min/max, averaged (``mean-minmax``),
+  which ignores the rare extremes that global min/max lets stretch a scale; a convolution
+  feeding a SiLU keeps negatives only down to ``-max(positive range, 6)``: SiLU maps anything
+  below that to ~0, and those outliers cost the useful range its resolution;
+- the head stays in float: the detection convolutions' outputs and everything after them
+  (reshape, transpose, sigmoid, concat) are never quantised. One int8 scale over box and class
+  values is the known trap;
+- the coarsest stage (stride 32 by default: 20x20 at 640) stays in float (FP16 on TensorRT):
+  its error reaches every detection of the large-object level, for ~23 % of the MACs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgeYoloError
+
+METHODS = ("mean-minmax", "minmax", "entropy", "percentile")
+DEFAULT_METHOD = "mean-minmax"
+DEFAULT_PERCENTILE = 99.99
+DEFAULT_FLOAT_STRIDE = 32
+SILU_NEGATIVE_FLOOR = 6.0  # SiLU(-6) = -0.015: below that the input's exact value no longer matters
+MAX_IMAGES_PER_PASS = 8  # histogram methods: images whose every activation is in memory at once (~0.3 GB each)
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """How INT8 is made; read from a target's ``[calibration]`` table."""
+
+    method: str = DEFAULT_METHOD
+    percentile: float = DEFAULT_PERCENTILE
+    float_from_stride: int = DEFAULT_FLOAT_STRIDE  # layers at this output stride or coarser stay float; 0: none
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise EdgeYoloError(f"calibration method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if not 90.0 <= self.percentile < 100.0:
+            raise EdgeYoloError(f"calibration percentile must be in [90, 100), not {self.percentile}")
+        if self.float_from_stride < 0:
+            raise EdgeYoloError(f"float_from_stride must be 0 (quantise every stage) or a stride, "
+                                f"not {self.float_from_stride}")
+
+    @classmethod
+    def from_target(cls, target) -> "QuantizeSettings":
+        calib = target.calibration
+        return cls(method=str(calib.get("method", DEFAULT_METHOD)),
+                   percentile=float(calib.get("percentile", DEFAULT_PERCENTILE)),
+                   float_from_stride=int(calib.get("float_from_stride", DEFAULT_FLOAT_STRIDE)))
+
+    def describe(self) -> str:
+        return f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
+
+
+# --------------------------------------------------------------------------- what stays float
+@dataclass(frozen=True)
+class HeadSplit:
+    """Where the quantised body ends: the detection convolutions and the float decode after them."""
+
+    convs: tuple[str, ...]  # node names: int8 inputs, float outputs
+    decode: tuple[str, ...]  # node names between those convolutions and the graph outputs (never quantised)
+    float_tensors: tuple[str, ...]  # the convolutions' outputs, kept float
+
+
+def split_head(model) -> HeadSplit:
+    """Walk back from the graph outputs to the nearest convolutions; what lies between is the head's decode."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    convs, decode, seen = {}, {}, set()
+    stack = [o.name for o in graph.output]
+    while stack:
+        tensor = stack.pop()
+        node = producer.get(tensor)
+        if node is None or tensor in seen:
+            continue
+        seen.add(tensor)
+        if node.op_type == "Conv":
+            convs[node.name] = node
+            continue
+        decode[node.name] = node
+        stack.extend(node.input)
+    if not convs:
+        raise EdgeYoloError("cannot find the detection convolutions in this ONNX graph (no Conv before its outputs)")
+    return HeadSplit(convs=tuple(sorted(convs)), decode=tuple(sorted(decode)),
+                     float_tensors=tuple(sorted(n.output[0] for n in convs.values())))
+
+
+def coarse_nodes(model, min_stride: int) -> list[str]:
+    """Nodes whose output feature map is at ``min_stride`` or coarser (shapes inferred from the static input)."""
+    if min_stride <= 0:
+        return []
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    height = inferred.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    if not height:
+        raise EdgeYoloError("float_from_stride needs a fixed input size to know each layer's stride")
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+    coarse = []
+    for node in inferred.graph.node:
+        shape = dims.get(node.output[0]) if node.output else None
+        if shape and len(shape) == 4 and shape[2] and height // shape[2] >= min_stride:
+            coarse.append(node.name)
+    return coarse
+
+
+# --------------------------------------------------------------------------- quantise
+def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: QuantizeSettings = QuantizeSettings()) -> dict:
+    """Write the Q/DQ version of ``src`` to ``dst``, calibrated on ``calibration`` (a ``CalibrationSet``).
+
+    Returns the facts for the manifest (tool, method, what was quantised).
+    """
+    import onnx
+
+    from .backends import require
+
+    ort = require("onnxruntime", "onnxruntime")
+    q = require("onnxruntime.quantization", "onnxruntime")
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src))
+    head = split_head(model)
+    excluded = sorted(set(head.decode) | set(coarse_nodes(model, settings.float_from_stride)))
+    op_types = sorted({n.op_type for n in model.graph.node} - {"Constant"})
+    calibration.method = settings.describe()
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    with tempfile.TemporaryDirectory(prefix="edgeyolo-quantize-") as work, _quiet_quantizer():
+        input_name = model.graph.input[0].name
+        ranges = calibrate(q, src, Path(work), calibration, input_name, settings, op_types)
+        # the input is letterboxed pixels / 255: its range is known, not estimated
+        ranges.data[input_name] = q.TensorData(lowest=np.float32(0.0), highest=np.float32(1.0))
+        clipped = clip_silu_inputs(q, ranges, model)
+        quantizer = q.QDQQuantizer(
+            _load_with_shapes(src), True, False, q.QuantType.QInt8, q.QuantType.QUInt8, ranges, [], excluded,
+            op_types, extra,
+        )
+        quantizer.quantize_model()
+        quantizer.model.save_model_to_file(str(Path(work) / "qdq.onnx"))  # topologically sorted on the way
+        qdq = onnx.load(str(Path(work) / "qdq.onnx"))
+    removed = remove_qdq_on(qdq, head.float_tensors)
+    del qdq.metadata_props[:]
+    qdq.metadata_props.extend(model.metadata_props)
+    qdq.metadata_props.add(key="quantization", value=f"qdq int8 per-channel weights, {settings.describe()}")
+    onnx.checker.check_model(qdq)
+    tmp = dst.with_name(dst.name + ".tmp")
+    onnx.save(qdq, str(tmp))
+    tmp.replace(dst)
+    summary = summarize_qdq(qdq)
+    return {
+        "tool": f"onnxruntime.quantization {ort.__version__}",
+        "format": "QDQ",
+        "method": settings.method,
+        **({"percentile": settings.percentile} if settings.method == "percentile" else {}),
+        "weights": "int8 symmetric per-channel",
+        "activations": "int8 symmetric per-tensor (stored uint8, zero point 128)",
+        "images": len(calibration),
+        "float_from_stride": settings.float_from_stride,
+        "silu_ranges_clipped": clipped,
+        "quantized_nodes": len(summary["quantized"]),
+        "float_nodes": sorted(summary["float"]),
+        "float_outputs_of": list(head.convs),
+        "removed_qdq_pairs": removed,
+    }
+
+
+def calibrate(q, src: Path, work: Path, calibration, input_name: str, settings: QuantizeSettings, op_types):
+    """Activation ranges (ONNX Runtime's ``TensorsData``) over the calibration set, by ``settings.method``."""
+    methods = {"mean-minmax": q.CalibrationMethod.MinMax, "minmax": q.CalibrationMethod.MinMax,
+               "entropy": q.CalibrationMethod.Entropy, "percentile": q.CalibrationMethod.Percentile}
+    options = {"moving_average": settings.method == "mean-minmax"}
+    if settings.method == "percentile":
+        options.update(percentile=settings.percentile, symmetric=True)
+    calibrator = q.create_calibrator(src, op_types, augmented_model_path=str(work / "augmented.onnx"),
+                                     calibrate_method=methods[settings.method], extra_options=options)
+    reader = CalibrationReader(calibration, input_name)
+    if settings.method in ("minmax", "mean-minmax"):
+        # one pass: only per-image (min, max) pairs are kept, and a mean over several passes would be a running one
+        calibrator.collect_data(reader)
+    else:  # histograms: every activation of a window of images is held at once
+        for start in range(0, len(reader), reader.pass_size):
+            reader.set_range(start, start + reader.pass_size)
+            calibrator.collect_data(reader)
+    return calibrator.compute_data()
+
+
+def clip_silu_inputs(q, ranges, model, floor: float | None = None) -> int:
+    """A convolution feeding a SiLU: keep negatives only down to ``-max(its positive range, floor)``."""
+    floor = SILU_NEGATIVE_FLOOR if floor is None else floor
+    readers: dict[str, set] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    clipped = 0
+    for node in model.graph.node:
+        out = node.output[0] if node.output else None
+        if node.op_type != "Conv" or out not in ranges.data or readers.get(out) != {"Sigmoid", "Mul"}:
+            continue
+        low, high = (np.asarray(v, dtype=np.float32) for v in ranges.data[out].range_value)
+        bound = np.maximum(high, np.float32(floor))
+        if np.any(low < -bound):
+            ranges.data[out] = q.TensorData(lowest=np.maximum(low, -bound).astype(np.float32),
+                                            highest=high.astype(np.float32))
+            clipped += 1
+    return clipped
+
+
+def _load_with_shapes(path: Path):
+    """The model with shape information, as ONNX Runtime's quantiser expects it."""
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+
+    return load_model_with_shape_infer(Path(path))
+
+
+class CalibrationReader:
+    """Feeds a ``CalibrationSet`` to ONNX Runtime's calibrators, one image per run, a window of images per pass."""
+
+    def __init__(self, calibration, input_name: str):
+        self.calibration = calibration
+        self.input_name = input_name
+        self.pass_size = largest_divisor(len(calibration), MAX_IMAGES_PER_PASS)
+        self._batches, self._position = None, 0
+        self.set_range(0, len(calibration))
+
+    def __len__(self) -> int:
+        return len(self.calibration)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        if self._batches is None or start_index != self._position:
+            self._batches = itertools.islice(self.calibration.batches("NCHW", 1), start_index, None)
+            self._position = start_index
+        self._end = end_index
+
+    def get_next(self):
+        if self._position >= self._end:
+            return None
+        batch = next(self._batches, None)
+        if batch is None:
+            return None
+        self._position += 1
+        return {self.input_name: batch}
+
+
+def largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit`` (windows of equal size)."""
+    return next(d for d in range(min(n, limit), 0, -1) if n % d == 0)
+
+
+# --------------------------------------------------------------------------- graph edits and facts
+def remove_qdq_on(model, tensors) -> int:
+    """Drop the QuantizeLinear → DequantizeLinear pairs on ``tensors``, rewiring readers to the float tensor."""
+    graph = model.graph
+    wanted = set(tensors)
+    quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in wanted]
+    drop, rewire = [], {}
+    for qnode in quantizers:
+        dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == qnode.output[0]]
+        for dq in dqs:
+            rewire[dq.output[0]] = qnode.input[0]
+        drop.extend([qnode, *dqs])
+    for output in graph.output:
+        if output.name in rewire:
+            raise EdgeYoloError(f"cannot un-quantize graph output {output.name}")
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rewire:
+                node.input[i] = rewire[name]
+    for node in drop:
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return len(quantizers)
+
+
+def summarize_qdq(model) -> dict:
+    """Which compute nodes read dequantized inputs (``quantized``) and which read only float (``float``)."""
+    graph = model.graph
+    dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    initializers = {i.name for i in graph.initializer}
+    quantized, floating = [], []
+    for node in graph.node:
+        if node.op_type in QDQ_OPS or node.op_type == "Constant":
+            continue
+        data_inputs = [x for x in node.input if x and x not in initializers]
+        (quantized if any(x in dq_outputs for x in data_inputs) else floating).append(node.name)
+    return {"quantized": quantized, "float": floating}
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """ONNX Runtime's quantiser logs advice on the root logger and prints progress; keep the CLI's output clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
