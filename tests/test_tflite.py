@@ -20,6 +20,7 @@ from edgeyolo.bundle import BundleWriter  # noqa: E402
 from edgeyolo.errors import EdgeYoloError  # noqa: E402
 from edgeyolo.runtime import load, read_image  # noqa: E402
 from edgeyolo.targets import Target, load_target  # noqa: E402
+from detection_match import iou
 
 # FP32/FP16 parity: every cpu-fp32 detection matched with the same class, IoU >= 0.99, score within 0.01.
 FLOAT_IOU, FLOAT_SCORE_TOL = 0.99, 0.01
@@ -44,15 +45,6 @@ def arm_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory):
 @pytest.fixture(scope="session")
 def images(sample_images):
     return [read_image(p) for p in sample_images]
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy box ``a`` with each row of ``b``."""
-    w = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
-    h = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
-    inter = w * h
-    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
 
 
 def unmatched(reference, candidate, min_iou: float, score_tol: float, min_score: float = 0.0) -> list:
