@@ -16,7 +16,6 @@ the RSS before ``load``, which already includes numpy, OpenCV and the backend's 
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -24,22 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("EDGEYOLO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+from bench_common import target_bench_parser  # beside this script
 TARGETS = ("intel-cpu-fp32", "intel-cpu-int8", "cpu-fp32")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", default=str(FIXTURES / "weights" / "yolov5n.pt"))
-    parser.add_argument("--calib", default=str(FIXTURES / "coco128" / "images"),
-                        help="Calibration images for intel-cpu-int8 (folder, list file or named set).")
-    parser.add_argument("--calib-size", type=int, help="Calibration images to draw [default: all, up to 300].")
-    parser.add_argument("--images", default=str(FIXTURES / "images"), help="Images to detect on (cycled).")
-    parser.add_argument("--out", default="bench-bundles", help="Folder for the bundles (reused when present).")
-    parser.add_argument("--rounds", type=int, default=10, help="Interleaved rounds per engine.")
-    parser.add_argument("--iters", type=int, default=20, help="Timed detect() calls per engine per round.")
-    parser.add_argument("--warmup", type=int, default=10, help="Untimed calls per engine before the first round.")
+    parser = target_bench_parser(__doc__, "intel-cpu-int8")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS),
                         help="Targets (names or .toml paths) to build and time [default: %(default)s].")
     parser.add_argument("--threads", type=int, help="Engine threads [default: each backend's choice].")

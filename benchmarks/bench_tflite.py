@@ -14,7 +14,6 @@ will differ on a Raspberry Pi or a phone. Measure there for numbers that matter.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,22 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("EDGEYOLO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+from bench_common import target_bench_parser  # beside this script
 TARGETS = ("arm-fp32", "arm-int8")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", default=str(FIXTURES / "weights" / "yolov5n.pt"))
-    parser.add_argument("--calib", default=str(FIXTURES / "coco128" / "images"),
-                        help="Calibration images for arm-int8 (folder, list file or named set).")
-    parser.add_argument("--calib-size", type=int, help="Calibration images to draw [default: all, up to 300].")
-    parser.add_argument("--images", default=str(FIXTURES / "images"), help="Images to detect on (cycled).")
-    parser.add_argument("--out", default="bench-bundles", help="Folder for the bundles (reused when present).")
-    parser.add_argument("--rounds", type=int, default=10, help="Interleaved rounds per engine.")
-    parser.add_argument("--iters", type=int, default=20, help="Timed detect() calls per engine per round.")
-    parser.add_argument("--warmup", type=int, default=10, help="Untimed calls per engine before the first round.")
+    parser = target_bench_parser(__doc__, "arm-int8")
     parser.add_argument("--threads", type=int, help="LiteRT threads [default: the target's, 0 = every core].")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
     return parser.parse_args(argv)
