@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import sys
-import time
 from pathlib import Path
 
-from bench_common import target_bench_parser  # beside this script
+from bench_common import ensure_bundles, target_bench_parser  # beside this script
+
 TARGETS = ("intel-cpu-fp32", "intel-cpu-int8", "cpu-fp32")
 
 
@@ -37,28 +36,6 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------- building
-def ensure_bundles(args) -> dict[str, Path]:
-    """Each target's bundle in ``args.out``, built now unless already there; build seconds where built."""
-    from edgeyolo.build import build_bundle, prepare_calibration
-    from edgeyolo.bundle import is_bundle
-    from edgeyolo.targets import load_target
-
-    bundles, build_seconds = {}, {}
-    for spec in args.targets:
-        target = load_target(spec)
-        name = target.name
-        path = Path(args.out) / name
-        if not is_bundle(path):
-            start = time.perf_counter()
-            calibration = (prepare_calibration(args.weights, target, args.calib, args.calib_size)
-                           if target.needs_calibration else None)
-            build_bundle(args.weights, target, path, calibration=calibration)
-            build_seconds[name] = round(time.perf_counter() - start, 1)
-            print(f"built {path} in {build_seconds[name]} s", file=sys.stderr)
-        bundles[name] = path
-    return bundles, build_seconds
-
-
 # --------------------------------------------------------------------------- one worker per engine
 def rss_mb() -> float:
     import psutil
@@ -172,7 +149,7 @@ def comparisons(results: dict[str, dict]) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    bundles, build_seconds = ensure_bundles(args)
+    bundles, build_seconds = ensure_bundles(args.weights, args.targets, args.out, args.calib, args.calib_size)
     load_before = os.getloadavg()[0]
     results = run_interleaved(bundles, args)
     load_after = os.getloadavg()[0]

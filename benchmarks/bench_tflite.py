@@ -17,13 +17,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
+from bench_common import ensure_bundles, run_interleaved, target_bench_parser  # beside this script
 
-from bench_common import target_bench_parser  # beside this script
 TARGETS = ("arm-fp32", "arm-int8")
 
 
@@ -34,57 +31,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def ensure_bundles(args) -> tuple[dict[str, Path], dict[str, dict]]:
-    """Each target's bundle in ``args.out``, built unless already there; build and conversion seconds."""
-    from edgeyolo.build import build_bundle, prepare_calibration
-    from edgeyolo.bundle import is_bundle, load_bundle
-    from edgeyolo.targets import load_target
+def conversion_facts(bundles: dict[str, Path], build_seconds: dict[str, float]) -> dict[str, dict]:
+    """Build seconds (where built now) and the converter's own seconds from each manifest."""
+    from edgeyolo.bundle import load_bundle
 
-    bundles, builds = {}, {}
-    for name in TARGETS:
-        path = Path(args.out) / name
-        if not is_bundle(path):
-            target = load_target(name)
-            start = time.perf_counter()
-            calibration = (prepare_calibration(args.weights, target, args.calib, args.calib_size)
-                           if target.needs_calibration else None)
-            build_bundle(args.weights, target, path, calibration=calibration)
-            builds[name] = {"build_s": round(time.perf_counter() - start, 1)}
-            print(f"built {path} in {builds[name]['build_s']} s", file=sys.stderr)
-        builds.setdefault(name, {})["conversion_s"] = load_bundle(path).manifest["backend"].get("conversion_seconds")
-        bundles[name] = path
-    return bundles, builds
-
-
-def run_interleaved(bundles: dict[str, Path], args) -> dict[str, dict]:
-    from edgeyolo.bench import benchmark
-    from edgeyolo.runtime import load, read_image
-
-    image_paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    images = [read_image(p) for p in image_paths]
-    options = {"threads": args.threads} if args.threads is not None else {}
-    detectors = {name: load(path, **options) for name, path in bundles.items()}
-    for detector in detectors.values():
-        for i in range(args.warmup):
-            detector.detect(images[i % len(images)])
-    rounds = {name: [] for name in detectors}
-    for _ in range(args.rounds):
-        for name, detector in detectors.items():  # strictly one engine at a time
-            rounds[name].append(benchmark(detector, images, iters=args.iters, warmup=0).to_dict())
-    return {name: summarise(detectors[name].info, rounds[name]) for name in detectors}
-
-
-def summarise(info: dict, rounds: list[dict]) -> dict:
-    """Pooled FPS over every round; latency percentiles as the median of the rounds' own percentiles."""
-    seconds = sum(r["iters"] / r["fps"] for r in rounds)
-    iters = sum(r["iters"] for r in rounds)
-
-    def median_of(key, stage=None):
-        return round(float(np.median([(r["stages_ms"][stage] if stage else r["latency_ms"])[key] for r in rounds])), 2)
-
-    return {"info": info, "fps": round(iters / seconds, 2), "fps_per_round": [r["fps"] for r in rounds],
-            "latency_ms": {k: median_of(k) for k in ("p50", "p90", "p99")},
-            "inference_ms_p50": median_of("p50", "inference"), "iters": iters}
+    builds = {}
+    for name, path in bundles.items():
+        builds[name] = {"build_s": build_seconds[name]} if name in build_seconds else {}
+        builds[name]["conversion_s"] = load_bundle(path).manifest["backend"].get("conversion_seconds")
+    return builds
 
 
 def int8_over_fp32(results: dict[str, dict]) -> float:
@@ -107,7 +62,8 @@ def print_table(results: dict[str, dict], builds: dict[str, dict]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    bundles, builds = ensure_bundles(args)
+    bundles, build_seconds = ensure_bundles(args.weights, TARGETS, args.out, args.calib, args.calib_size)
+    builds = conversion_facts(bundles, build_seconds)
     results = run_interleaved(bundles, args)
     if args.json:
         print(json.dumps({"results": results, "int8_over_fp32": int8_over_fp32(results), "builds": builds,
