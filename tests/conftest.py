@@ -29,6 +29,14 @@ def sample_images() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def images(sample_images) -> list:
+    """The sample images as BGR arrays."""
+    from edgeyolo.runtime import read_image
+
+    return [read_image(p) for p in sample_images]
+
+
+@pytest.fixture(scope="session")
 def coco_val() -> Path:
     return fixture_path("coco-val-500")
 

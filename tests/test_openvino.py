@@ -16,7 +16,7 @@ pytest.importorskip("nncf")
 from edgeyolo.backends.openvino import compile_properties, decode_node_names  # noqa: E402
 from edgeyolo.build import build_bundle  # noqa: E402
 from edgeyolo.errors import EdgeYoloError  # noqa: E402
-from edgeyolo.runtime import load, read_image  # noqa: E402
+from edgeyolo.runtime import load  # noqa: E402
 from detection_match import iou
 
 # INT8 parity, stated: every cpu-fp32 detection scoring >= 0.5 on the sample images is found
@@ -34,11 +34,6 @@ def ov_fp32_bundle(yolov5n_pt, tmp_path_factory):
 def ov_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory):
     out = tmp_path_factory.mktemp("ov") / "intel-cpu-int8"
     return build_bundle(yolov5n_pt, "intel-cpu-int8", out, calibration=coco128_calibration).path
-
-
-@pytest.fixture(scope="session")
-def images(sample_images):
-    return [read_image(p) for p in sample_images]
 
 
 def unmatched(reference, candidate, min_iou: float, score_tol: float, min_score: float = 0.0) -> list:

@@ -18,7 +18,7 @@ from edgeyolo.backends.tflite.engine import dequantize, quantize  # noqa: E402
 from edgeyolo.build import build_bundle  # noqa: E402
 from edgeyolo.bundle import BundleWriter  # noqa: E402
 from edgeyolo.errors import EdgeYoloError  # noqa: E402
-from edgeyolo.runtime import load, read_image  # noqa: E402
+from edgeyolo.runtime import load  # noqa: E402
 from edgeyolo.targets import Target, load_target  # noqa: E402
 from detection_match import iou
 
@@ -40,11 +40,6 @@ def arm_fp32_bundle(yolov5n_pt, tmp_path_factory):
 def arm_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory):
     out = tmp_path_factory.mktemp("tflite") / "arm-int8"
     return build_bundle(yolov5n_pt, "arm-int8", out, calibration=coco128_calibration).path
-
-
-@pytest.fixture(scope="session")
-def images(sample_images):
-    return [read_image(p) for p in sample_images]
 
 
 def unmatched(reference, candidate, min_iou: float, score_tol: float, min_score: float = 0.0) -> list:
