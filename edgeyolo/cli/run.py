@@ -1,0 +1,165 @@
+"""Commands that run bundles: detect, eval, bench, compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import EdgeYoloError
+from ..log import log
+from .common import cli, err, open_model, out, print_json, progress_bar
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--conf", type=float, default=0.25, show_default=True)
+@click.option("--iou", type=float, default=0.45, show_default=True)
+@click.option("--max-det", type=int, default=300, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print detections as JSON.")
+@click.option("--save-dir", type=click.Path(file_okay=False), help="Save annotated images/videos here.")
+def detect(model, sources, conf, iou, max_det, as_json, save_dir):
+    """Detect objects in images, folders, globs or videos with a bundle (or weights, built for cpu-fp32)."""
+    from ..runtime import load
+    from ..runtime.images import read_image
+    from ..sources import resolve_sources, video_fps, video_frames
+
+    inputs = resolve_sources(list(sources))
+    detector = load(open_model(model), conf=conf, iou=iou, max_det=max_det)
+    save = Path(save_dir) if save_dir else None
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+    results = []
+    for source in inputs:
+        if source.kind == "video":
+            results.append(_detect_video(detector, source.path, save, video_frames, video_fps))
+            continue
+        try:
+            image = read_image(source.path)
+        except EdgeYoloError as exc:
+            log.warning("skipping %s", exc)
+            continue
+        dets = detector.detect(image)
+        results.append({"source": str(source.path), "detections": dets.to_list()})
+        if save:
+            _write_image(save / source.path.name, dets.draw(image))
+        if not as_json:
+            out.print(f"[bold]{source.path}[/]: {dets}", highlight=False)
+    if as_json:
+        print_json(results)
+    elif save:
+        err.print(f"annotated results saved to {save}")
+
+
+def _write_image(path: Path, image) -> None:
+    import cv2
+
+    ok, data = cv2.imencode(path.suffix if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp") else ".jpg", image)
+    if ok:
+        data.tofile(str(path if path.suffix else path.with_suffix(".jpg")))
+
+
+def _detect_video(detector, path: Path, save: Path | None, video_frames, video_fps) -> dict:
+    import cv2
+
+    writer, frames = None, []
+    for index, frame in video_frames(path):
+        dets = detector.detect(frame)
+        frames.append({"frame": index, "detections": dets.to_list()})
+        if save:
+            if writer is None:
+                h, w = frame.shape[:2]
+                writer = cv2.VideoWriter(str(save / f"{path.stem}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
+                                         video_fps(path), (w, h))
+            writer.write(dets.draw(frame))
+    if writer is not None:
+        writer.release()
+    return {"source": str(path), "frames": frames}
+
+
+@cli.command(name="eval")
+@click.argument("model")
+@click.option("--data", required=True, help="Dataset: a YOLO-layout folder, a data yaml, or a COCO json.")
+@click.option("--backend", help="Run the bundle's ONNX on another backend (e.g. onnxruntime for a TensorRT bundle).")
+@click.option("--per-class", is_flag=True, help="Also report AP50-95 per class.")
+@click.option("--limit", type=int, help="Evaluate only the first N images.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(model, data, backend, per_class, limit, as_json):
+    """COCO mAP50-95 / mAP50 of a bundle (or weights) on a labelled dataset, as YOLOv5's val.py runs it."""
+    from ..datasets import load_dataset
+    from ..evaluate import evaluate
+    from ..gate import load_for_eval
+
+    dataset = load_dataset(data)
+    detector = load_for_eval(open_model(model), backend=backend)
+    total = min(len(dataset), limit) if limit else len(dataset)
+    with progress_bar(f"eval {detector.bundle.target['name']}", total) as advance:
+        result = evaluate(detector, dataset, per_class=per_class, progress=advance, limit=limit)
+    if as_json:
+        return print_json(result.to_dict())
+    out.print(f"{detector.bundle.target['name']} on {data}: {result.images} images, {result.boxes} boxes")
+    out.print(f"mAP50-95 {result.map50_95 * 100:.2f}   mAP50 {result.map50 * 100:.2f}   ({result.seconds:.1f} s)")
+    if per_class:
+        table = Table("class", "AP50-95")
+        for name, ap in result.per_class.items():
+            table.add_row(name, f"{ap * 100:.2f}")
+        out.print(table)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--images", "image_source", help="Benchmark on these images (file or folder) instead of a synthetic 1280x720 frame.")
+@click.option("--threads", type=int, help="Engine threads (where the backend takes a count).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench(model, iters, warmup, image_source, threads, as_json):
+    """On-device latency (p50/p90/p99), FPS, per-stage times and peak memory of a bundle."""
+    from ..bench import benchmark, synthetic_image
+    from ..runtime import load
+    from ..runtime.images import read_image
+    from ..sources import resolve_sources
+
+    options = {"threads": threads} if threads is not None else {}
+    detector = load(open_model(model), **options)
+    if image_source:
+        images = [read_image(s.path) for s in resolve_sources([image_source]) if s.kind == "image"][:16]
+    else:
+        images = [synthetic_image()]
+    result = benchmark(detector, images, iters=iters, warmup=warmup)
+    if as_json:
+        return print_json(result.to_dict())
+    out.print(f"[bold]{result.target}[/] ({result.backend}, threads {result.threads}, input {result.input_shape})")
+    table = Table("stage", "p50 ms", "p90 ms", "p99 ms")
+    table.add_row("end-to-end", *(f"{result.latency_ms[k]:.2f}" for k in ("p50", "p90", "p99")))
+    for stage, values in result.stages_ms.items():
+        table.add_row(stage, *(f"{values[k]:.2f}" for k in ("p50", "p90", "p99")))
+    out.print(table)
+    out.print(f"FPS {result.fps:.1f}   peak RSS {result.peak_rss_mb:.0f} MB")
+
+
+@cli.command(name="compare")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", help="Also evaluate each bundle on this labelled dataset (COCO mAP).")
+@click.option("--limit", type=int, help="With --data: only the first N images.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Benchmark rounds, bundles taking turns.")
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def compare_cmd(bundles, data, limit, rounds, iters, as_json):
+    """Compare bundles side by side: mAP, FPS, latency, peak memory and size."""
+    from ..compare import compare
+
+    with progress_bar("benchmarking", rounds * len(bundles)) as advance:
+        rows = compare([Path(b) for b in bundles], data=data, limit=limit, rounds=rounds, iters=iters,
+                       progress=advance)
+    if as_json:
+        return print_json(rows)
+    table = Table("target", "backend", "precision", "mAP50-95", "mAP50", "FPS", "p50 ms", "p99 ms", "peak RSS MB",
+                  "size MB", title=f"median of {rounds} alternating rounds of {iters} frames")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["target"], r["backend"], r["precision"], fmt(r["map50_95"]), fmt(r["map50"]), fmt(r["fps"]),
+                      fmt(r["p50_ms"]), fmt(r["p99_ms"]), f"{r['peak_rss_mb']:.0f}", fmt(r["size_mb"]))
+    out.print(table)
