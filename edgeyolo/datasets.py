@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._optional import require
 from .errors import EdgeYoloError
 from .runtime.images import IMAGE_SUFFIXES
 
@@ -102,7 +103,7 @@ def read_yolo_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _data_yaml(path: Path) -> Dataset:
-    import yaml
+    yaml = require("yaml", extra="eval", purpose="reading a data yaml")
 
     try:
         data = yaml.safe_load(path.read_text())

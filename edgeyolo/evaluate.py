@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from ._optional import missing_message
 from .datasets import Dataset
 from .errors import EdgeYoloError
 from .log import log
@@ -117,7 +118,7 @@ def _evaluator():
 
         return COCO, COCOeval
     except ImportError:
-        raise EdgeYoloError("evaluation needs faster-coco-eval: pip install 'edgeyolo[eval]'") from None
+        raise EdgeYoloError(missing_message("faster_coco_eval", purpose="evaluation")) from None
 
 
 def _pycocotools_gt(COCO, gt_dict):

@@ -13,13 +13,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
-import torch
-
+from ._optional import require
 from ._version import __version__
 from .errors import EdgeYoloError
 from .log import log
 from .model import HEAD_DECODED, HEAD_MODES, Model
+
+onnx = require("onnx", extra="export", purpose="exporting ONNX")
+torch = require("torch", extra="export", purpose="exporting ONNX")
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"

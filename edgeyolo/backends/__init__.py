@@ -17,6 +17,7 @@ import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
 
+from .._optional import require as _require
 from ..errors import EdgeYoloError
 
 # backend name -> (module, pip extra that installs what it needs)
@@ -46,10 +47,5 @@ def backend_module(name: str) -> ModuleType:
 
 def require(package: str, backend: str):
     """Import ``package`` or fail with one line naming the extra to install."""
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        extra = BACKENDS.get(backend, (None, backend))[1]
-        raise EdgeYoloError(
-            f"the {backend} backend needs the '{package}' package: pip install 'edgeyolo[{extra}]'"
-        ) from None
+    extra = BACKENDS.get(backend, (None, backend))[1]
+    return _require(package, extra=extra, purpose=f"the {backend} backend")

@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .._optional import known_missing
 from .._version import __version__
 from ..errors import EdgeYoloError
 from ..log import log
@@ -34,11 +35,21 @@ class _OneLineErrors(click.Group):
         try:
             return super().invoke(ctx)
         except EdgeYoloError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            sys.exit(getattr(exc, "exit_code", 2))
+            _fail(str(exc), getattr(exc, "exit_code", 2))
+        except ModuleNotFoundError as exc:
+            # the safety net under require(): an optional package imported without it
+            message = known_missing(exc)
+            if message is None:
+                raise
+            _fail(message, 2)
         except KeyboardInterrupt:
             err.print("interrupted")
             sys.exit(130)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 class _WarningHandler(logging.Handler):

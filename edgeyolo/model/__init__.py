@@ -1,5 +1,9 @@
 """Our own PyTorch YOLOv5, safe checkpoint reading and weight names."""
 
+from .._optional import require
+
+require("torch", extra="export", purpose="reading checkpoints")  # one line, not a traceback, without it
+
 from .blocks import HEAD_DECODED, HEAD_MODES, HEAD_SIGMOID
 from .checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .weights import resolve_weights
