@@ -18,6 +18,7 @@ from .errors import EdgeYoloError
 from .export import INPUT_NAME, OUTPUT_NAME, ExportOptions, check_imgsz, export_onnx
 from .log import log
 from .model import load_model, resolve_weights
+from .progress import note, step
 from .runtime.preprocess import LetterboxSettings
 from .targets import Target, load_target
 
@@ -52,9 +53,10 @@ def build_bundle(weights, target: str | Path | Target, out: str | Path, options:
     letterbox = LetterboxSettings(imgsz=imgsz, auto=dynamic_shape, stride=stride)
 
     with tempfile.TemporaryDirectory(prefix="edgeyolo-export-") as work, BundleWriter(out) as writer:
-        onnx_path = export_onnx(model, Path(work) / "model.onnx", export_options)
-        log.info("exported %s at %dx%d (%s head)", weights_path.name, imgsz[0], imgsz[1], target.head)
-        result = backend.build(onnx_path, target, writer.tmp, calibration)
+        with step(f"exporting {weights_path.name} to ONNX at {imgsz[0]}x{imgsz[1]} ({target.head} head)"):
+            onnx_path = export_onnx(model, Path(work) / "model.onnx", export_options)
+        with step(f"building the {target.backend} engine for {target.name}"):
+            result = backend.build(onnx_path, target, writer.tmp, calibration)
         manifest = compose_manifest(checkpoint, weights_path, target, export_options, letterbox, result, calibration)
         if gate is not None:
             gate(Bundle(path=writer.tmp, manifest=manifest))
@@ -120,6 +122,7 @@ def cached_reference_bundle(weights, target: str = "cpu-fp32") -> Bundle:
             return load_bundle(out)
         except EdgeYoloError:
             log.warning("cached bundle %s is damaged; rebuilding it", out)
+    note("building a %s bundle for %s once, cached in %s", target, weights_path.name, out)
     return build_bundle(weights_path, target, out)
 
 

@@ -22,6 +22,7 @@ from .._optional import known_missing
 from .._version import __version__
 from ..errors import EdgeYoloError
 from ..log import log
+from ..progress import notes
 
 # Tables keep their shape when piped to a file or a log.
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
@@ -54,6 +55,9 @@ def _fail(message: str, code: int) -> None:
 
 class _WarningHandler(logging.Handler):
     def emit(self, record):
+        if record.name == notes.name:
+            err.print(f"[dim]{escape(record.getMessage())}[/]", highlight=False, soft_wrap=True)
+            return
         level = record.levelname.lower()
         style = {"warning": "yellow", "error": "red"}.get(level, "dim")
         err.print(f"[{style}]{level}:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
@@ -67,6 +71,28 @@ def cli(verbose: bool):
     log.handlers[:] = [_WarningHandler()]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
+    notes.setLevel(logging.INFO)  # long steps say what they are doing, even without -v
+
+
+class ImageSize(click.ParamType):
+    """``--imgsz``: ``640`` (square), ``480,640`` or ``480x640`` (height, width) → ``(h, w)``."""
+
+    name = "N|H,W|HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).lower().replace("x", ",").split(",")
+        try:
+            size = tuple(int(p) for p in parts)
+        except ValueError:
+            size = ()
+        if len(size) not in (1, 2) or min(size) <= 0:
+            self.fail(f"{value!r} is not an image size: give 640, 480,640 or 480x640 (height, width)", param, ctx)
+        return size * 2 if len(size) == 1 else size
+
+
+IMGSZ = ImageSize()
 
 
 @contextmanager

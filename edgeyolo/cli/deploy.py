@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..errors import EdgeYoloError
 from ..log import log
-from .common import cli, err, out, print_json, progress_bar
+from .common import IMGSZ, cli, err, out, print_json, progress_bar
 
 
 @cli.command()
@@ -29,7 +29,7 @@ def targets(as_json: bool):
 
 @cli.command()
 @click.argument("weights")
-@click.option("--imgsz", type=int, multiple=True, default=(640,), show_default=True, help="Input size (h [w]).")
+@click.option("--imgsz", type=IMGSZ, default="640", show_default=True, help="Input size: 640, or height,width (480,640 or 480x640).")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--head", type=click.Choice(["decoded", "sigmoid"]), default="decoded", show_default=True,
               help="decoded: boxes in pixels (YOLOv5's layout); sigmoid: decode on the host (for INT8).")
@@ -43,7 +43,7 @@ def export(weights, imgsz, opset, head, dynamic_batch, dynamic_shape, output):
 
     checkpoint = load_model(weights)
     target = Path(output or Path(weights).with_suffix(".onnx").name)
-    options = ExportOptions(imgsz=tuple(imgsz) if len(imgsz) == 2 else (imgsz[0], imgsz[0]), opset=opset,
+    options = ExportOptions(imgsz=imgsz, opset=opset,
                             head=head, dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape)
     path = export_onnx(checkpoint.model, target, options)
     err.print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -53,7 +53,7 @@ def export(weights, imgsz, opset, head, dynamic_batch, dynamic_shape, output):
 @click.argument("weights")
 @click.option("-t", "--target", "target_name", help="Target name (see 'edgeyolo targets') or .toml path.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Bundle folder [default: WEIGHTS stem-TARGET].")
-@click.option("--imgsz", type=int, multiple=True, help="Override the target's input size (h [w]).")
+@click.option("--imgsz", type=IMGSZ, help="Override the target's input size: 640, or height,width (480,640 or 480x640).")
 @click.option("--calib", help="Calibration images for INT8: a folder, a text file of paths, or a named set.")
 @click.option("--calib-size", type=int, help="Calibration images to draw [default: 300].")
 @click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed for drawing calibration images.")
@@ -74,6 +74,7 @@ def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, va
     )
     from ..bundle import is_bundle
     from ..gate import accuracy_gate
+    from ..progress import step
     from ..targets import load_target
 
     if is_bundle(weights):
@@ -84,14 +85,15 @@ def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, va
         raise EdgeYoloError("pass --target (see 'edgeyolo targets')")
     target = load_target(target_name)
     dest = Path(output or f"{Path(weights).stem}-{target.name}")
-    size = None if not imgsz else (tuple(imgsz) if len(imgsz) == 2 else (imgsz[0], imgsz[0]))
+    size = imgsz
     calibration = None
     if calib and not target.needs_calibration:
         log.warning("target %s is %s; --calib is ignored", target.name, target.precision)
     elif target.needs_calibration:
         if not calib:
             raise EdgeYoloError(f"target {target.name} is INT8: pass calibration images with --calib")
-        calibration = prepare_calibration(weights, target, calib, calib_size, calib_seed, size)
+        with step(f"loading calibration images from {calib}"):
+            calibration = prepare_calibration(weights, target, calib, calib_size, calib_seed, size)
     gate = accuracy_gate(weights, val, max_drop, progress_bar, _report_accuracy) if val else None
     bundle = build_bundle(weights, target, dest, BuildOptions(imgsz=size), calibration=calibration, gate=gate)
     files = ", ".join(f"{name} ({(bundle.path / name).stat().st_size / 1e6:.1f} MB)" for name in bundle.manifest["checksums"])

@@ -110,8 +110,9 @@ def eval_cmd(model, data, backend, per_class, limit, as_json):
 
 @cli.command()
 @click.argument("model")
-@click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True, help="Timed frames.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Untimed frames first (engine caches, thread pools).")
 @click.option("--images", "image_source", help="Benchmark on these images (file or folder) instead of a synthetic 1280x720 frame.")
 @click.option("--threads", type=int, help="Engine threads (where the backend takes a count).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -145,7 +146,8 @@ def bench(model, iters, warmup, image_source, threads, as_json):
 @click.option("--data", help="Also evaluate each bundle on this labelled dataset (COCO mAP).")
 @click.option("--limit", type=int, help="With --data: only the first N images.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Benchmark rounds, bundles taking turns.")
-@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed frames per bundle in each round (after 5 warm-up frames).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def compare_cmd(bundles, data, limit, rounds, iters, as_json):
     """Compare bundles side by side: mAP, FPS, latency, peak memory and size."""
