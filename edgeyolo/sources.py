@@ -1,4 +1,4 @@
-"""Resolve ``detect``'s SOURCES arguments (files, folders, globs, videos) into a checked list of inputs."""
+"""Resolve ``detect``'s SOURCES arguments (files, folders, globs, videos, camera indices) into a checked list."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 @dataclass(frozen=True)
 class Source:
     path: Path
-    kind: str  # "image" or "video"
+    kind: str  # "image", "video" or "camera" (path is then the index, e.g. Path("0"))
     explicit: bool  # named on the command line (an unreadable one is an error, not a warning)
 
 
@@ -41,6 +41,8 @@ def resolve_sources(specs: list[str]) -> list[Source]:
             else:
                 check_video(path)
             sources.append(Source(path, kind, True))
+        elif spec.isdigit():
+            sources.append(Source(path, "camera", True))
         else:
             raise EdgeYoloError(f"{spec}: no such file or folder")
     if not sources:
@@ -66,28 +68,3 @@ def check_video(path: Path) -> None:
     if not ok:
         raise EdgeYoloError(f"{path}: not a readable video")
 
-
-def video_frames(path: Path):
-    """Yield (index, BGR frame) for every frame of a video file."""
-    import cv2
-
-    capture = cv2.VideoCapture(str(path))
-    try:
-        index = 0
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            yield index, frame
-            index += 1
-    finally:
-        capture.release()
-
-
-def video_fps(path: Path) -> float:
-    import cv2
-
-    capture = cv2.VideoCapture(str(path))
-    fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
-    capture.release()
-    return fps

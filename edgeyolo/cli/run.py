@@ -20,21 +20,30 @@ from .common import cli, err, open_model, out, print_json, progress_bar
 @click.option("--max-det", type=int, default=300, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print detections as JSON.")
 @click.option("--save-dir", type=click.Path(file_okay=False), help="Save annotated images/videos here.")
-def detect(model, sources, conf, iou, max_det, as_json, save_dir):
-    """Detect objects in images, folders, globs or videos with a bundle (or weights, built for cpu-fp32)."""
+@click.option("--save-txt", is_flag=True, help="Also save YOLO txt labels (class xc yc w h conf) in SAVE_DIR/labels.")
+@click.option("--save-json", is_flag=True, help="Also save COCO results (SAVE_DIR/predictions.json).")
+def detect(model, sources, conf, iou, max_det, as_json, save_dir, save_txt, save_json):
+    """Detect objects in images, folders, globs, videos or a camera (an index: 0) with a bundle.
+
+    MODEL may also be weights: a cpu-fp32 bundle is then built once into the cache.
+    Videos and cameras give an annotated mp4 in SAVE_DIR, with the measured FPS drawn on it.
+    """
     from ..runtime import load
     from ..runtime.images import read_image
-    from ..sources import resolve_sources, video_fps, video_frames
+    from ..sources import resolve_sources
+    from ..writers import coco_image_id, coco_results, write_coco_json, write_yolo_txt
 
+    if (save_txt or save_json) and not save_dir:
+        raise EdgeYoloError("--save-txt and --save-json write into --save-dir: pass one")
     inputs = resolve_sources(list(sources))
     detector = load(open_model(model), conf=conf, iou=iou, max_det=max_det)
     save = Path(save_dir) if save_dir else None
     if save:
         save.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, coco = [], []
     for source in inputs:
-        if source.kind == "video":
-            results.append(_detect_video(detector, source.path, save, video_frames, video_fps))
+        if source.kind in ("video", "camera"):
+            results.append(_detect_stream(detector, source, save, save_txt))
             continue
         try:
             image = read_image(source.path)
@@ -45,12 +54,18 @@ def detect(model, sources, conf, iou, max_det, as_json, save_dir):
         results.append({"source": str(source.path), "detections": dets.to_list()})
         if save:
             _write_image(save / source.path.name, dets.draw(image))
+        if save_txt:
+            write_yolo_txt(save / "labels" / f"{source.path.stem}.txt", dets)
+        if save_json:
+            coco += coco_results(dets, coco_image_id(source.path))
         if not as_json:
             out.print(f"[bold]{source.path}[/]: {dets}", highlight=False)
+    if save_json:
+        write_coco_json(save / "predictions.json", coco)
     if as_json:
         print_json(results)
     elif save:
-        err.print(f"annotated results saved to {save}")
+        err.print(f"results saved to {save}")
 
 
 def _write_image(path: Path, image) -> None:
@@ -61,22 +76,32 @@ def _write_image(path: Path, image) -> None:
         data.tofile(str(path if path.suffix else path.with_suffix(".jpg")))
 
 
-def _detect_video(detector, path: Path, save: Path | None, video_frames, video_fps) -> dict:
-    import cv2
+def _detect_stream(detector, source, save: Path | None, save_txt: bool) -> dict:
+    """Every frame of a video or camera; the annotated frames (FPS drawn on) go to SAVE_DIR/NAME.mp4."""
+    from ..video import FpsMeter, VideoOut, draw_fps, frames, open_capture, source_fps
+    from ..writers import write_yolo_txt
 
-    writer, frames = None, []
-    for index, frame in video_frames(path):
-        dets = detector.detect(frame)
-        frames.append({"frame": index, "detections": dets.to_list()})
-        if save:
-            if writer is None:
-                h, w = frame.shape[:2]
-                writer = cv2.VideoWriter(str(save / f"{path.stem}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
-                                         video_fps(path), (w, h))
-            writer.write(dets.draw(frame))
-    if writer is not None:
-        writer.release()
-    return {"source": str(path), "frames": frames}
+    camera = source.kind == "camera"
+    name = f"camera{source.path}" if camera else source.path.stem
+    capture = open_capture(int(str(source.path)) if camera else source.path)
+    video = VideoOut(save / f"{name}.mp4", source_fps(capture)) if save else None
+    meter, per_frame = FpsMeter(), []
+    try:
+        for index, frame in frames(capture):
+            dets = detector.detect(frame)
+            fps = meter.tick()
+            per_frame.append({"frame": index, "detections": dets.to_list()})
+            if video:
+                video.write(draw_fps(dets.draw(frame), fps))
+            if save_txt:
+                write_yolo_txt(save / "labels" / f"{name}_{index}.txt", dets)
+    finally:  # a camera runs until Ctrl-C: keep what was written playable
+        capture.release()
+        if video:
+            video.close()
+    err.print(f"{source.path}: {len(per_frame)} frames at {meter.average:.1f} FPS"
+              + (f", annotated video {video.path}" if video else ""), highlight=False)
+    return {"source": str(source.path), "frames": per_frame, "fps": round(meter.average, 2)}
 
 
 @cli.command(name="eval")

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from .._optional import require
+
 
 @dataclass
 class Detections:
@@ -58,22 +60,65 @@ class Detections:
         return "\n".join(lines)
 
     def draw(self, image: np.ndarray) -> np.ndarray:
-        """A copy of the BGR ``image`` with boxes and labels drawn on it."""
+        """A copy of the BGR ``image`` with boxes and labels drawn on it (labels always inside the image)."""
         canvas = image.copy()
-        thickness = max(1, round(sum(canvas.shape[:2]) / 600))
+        height, width = canvas.shape[:2]
+        thickness = max(1, round((height + width) / 600))
+        scale, text_thickness = thickness / 3, max(thickness - 1, 1)
         for box, score, cls, name in zip(self.xyxy, self.confidence, self.class_id, self.class_name):
             color = _color(int(cls))
             p1, p2 = (int(box[0]), int(box[1])), (int(box[2]), int(box[3]))
             cv2.rectangle(canvas, p1, p2, color, thickness, cv2.LINE_AA)
             label = f"{name} {score:.2f}"
-            scale = thickness / 3
-            (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, max(thickness - 1, 1))
-            top = p1[1] - th - 3 if p1[1] - th - 3 >= 0 else p1[1] + th + 3
-            cv2.rectangle(canvas, p1, (p1[0] + tw, top), color, -1, cv2.LINE_AA)
-            y_text = p1[1] - 2 if top < p1[1] else p1[1] + th + 2
-            cv2.putText(canvas, label, (p1[0], y_text), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
-                        max(thickness - 1, 1), cv2.LINE_AA)
+            (tw, th), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, text_thickness)
+            x, y, w, h = label_box(p1, (tw, th + baseline), (height, width))
+            cv2.rectangle(canvas, (x, y), (x + w - 1, y + h - 1), color, -1, cv2.LINE_AA)
+            cv2.putText(canvas, label, (x + LABEL_PAD, y + LABEL_PAD + th), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                        (255, 255, 255), text_thickness, cv2.LINE_AA)
         return canvas
+
+    def to_supervision(self):
+        """This as a ``supervision.Detections`` (class names in ``data["class_name"]``)."""
+        sv = require("supervision", purpose="Detections.to_supervision()")
+        return sv.Detections(xyxy=self.xyxy.astype(np.float32), confidence=self.confidence.astype(np.float32),
+                             class_id=self.class_id.astype(int), data={"class_name": np.array(self.class_name)})
+
+    @classmethod
+    def from_supervision(cls, detections, names=None, image_hw=None) -> "Detections":
+        """From a ``supervision.Detections``; ``names`` default to its ``data["class_name"]`` where present."""
+        count = len(detections.xyxy)
+        confidence = detections.confidence if detections.confidence is not None else np.ones(count)
+        class_id = detections.class_id if detections.class_id is not None else np.zeros(count)
+        class_id = np.asarray(class_id, dtype=np.int64)
+        if names is None:
+            names = _names_from(class_id, getattr(detections, "data", {}).get("class_name"))
+        return cls(xyxy=np.asarray(detections.xyxy, dtype=np.float32).reshape(-1, 4),
+                   confidence=np.asarray(confidence, dtype=np.float32), class_id=class_id, names=list(names),
+                   image_hw=image_hw)
+
+
+LABEL_PAD = 2
+
+
+def label_box(corner: tuple[int, int], text_size: tuple[int, int], image_hw: tuple[int, int]):
+    """(x, y, w, h) of a box's label: above its top-left corner, or just inside when that would leave
+    the image; always shifted to lie wholly within the image (as far as the image is larger)."""
+    (x1, y1), (tw, th), (height, width) = corner, text_size, image_hw
+    w, h = tw + 2 * LABEL_PAD, th + 2 * LABEL_PAD
+    y = y1 - h if y1 - h >= 0 else y1
+    x = min(max(x1, 0), max(width - w, 0))
+    y = min(max(y, 0), max(height - h, 0))
+    return x, y, w, h
+
+
+def _names_from(class_id: np.ndarray, class_name) -> list[str]:
+    if class_name is None or not len(class_id):
+        return []
+    names = [str(i) for i in range(int(class_id.max()) + 1)]
+    for i, name in zip(class_id, class_name):
+        if i >= 0:
+            names[int(i)] = str(name)
+    return names
 
 
 _PALETTE = ["FF3838", "FF9D97", "FF701F", "FFB21D", "CFD231", "48F90A", "92CC17", "3DDB86", "1A9334", "00D4BB",
