@@ -77,7 +77,7 @@ def cli(verbose: bool):
 class ImageSize(click.ParamType):
     """``--imgsz``: ``640`` (square), ``480,640`` or ``480x640`` (height, width) → ``(h, w)``."""
 
-    name = "N|H,W|HxW"
+    name = "size"
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
