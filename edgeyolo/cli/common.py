@@ -65,7 +65,7 @@ class _WarningHandler(logging.Handler):
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeyolo")
-@click.option("-v", "--verbose", is_flag=True, help="Also print progress notes.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print detailed notes (what each step decided).")
 def cli(verbose: bool):
     """Compile YOLOv5 detectors for edge targets, then detect, evaluate and benchmark them."""
     log.handlers[:] = [_WarningHandler()]
