@@ -148,6 +148,35 @@ def test_video_in_annotated_video_out_with_fps(cpu_fp32_bundle, images, tmp_path
     assert len(list((tmp_path / "out" / "labels").glob("clip_*.txt"))) == 4
 
 
+def test_a_camera_runs_until_ctrl_c_and_leaves_a_playable_video(cpu_fp32_bundle, images, tmp_path, monkeypatch):
+    """No camera here: camera 0 is a video file whose third frame meets Ctrl-C."""
+    from click.testing import CliRunner
+
+    from edgeyolo import video
+    from edgeyolo.cli import cli
+
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 5, (320, 180))
+    for _ in range(5):
+        writer.write(cv2.resize(images[1], (320, 180)))
+    writer.release()
+    real_open, real_frames = video.open_capture, video.frames
+
+    def frames_until_ctrl_c(capture):
+        for index, frame in real_frames(capture):
+            if index == 2:
+                raise KeyboardInterrupt
+            yield index, frame
+
+    monkeypatch.setattr(video, "open_capture", lambda source: real_open(clip if source == 0 else source))
+    monkeypatch.setattr(video, "frames", frames_until_ctrl_c)
+    result = CliRunner().invoke(cli, ["detect", str(cpu_fp32_bundle), "0", "--save-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    capture = cv2.VideoCapture(str(tmp_path / "out" / "camera0.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 2
+    capture.release()
+
+
 def test_a_camera_index_is_a_source_and_a_missing_camera_is_one_line(cpu_fp32_bundle):
     assert [s.kind for s in resolve_sources(["0"])] == ["camera"]
     rc, _, stderr = run_cli("detect", cpu_fp32_bundle, "97")

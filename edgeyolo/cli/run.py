@@ -77,7 +77,11 @@ def _write_image(path: Path, image) -> None:
 
 
 def _detect_stream(detector, source, save: Path | None, save_txt: bool) -> dict:
-    """Every frame of a video or camera; the annotated frames (FPS drawn on) go to SAVE_DIR/NAME.mp4."""
+    """Every frame of a video or camera; the annotated frames (FPS drawn on) go to SAVE_DIR/NAME.mp4.
+
+    A camera runs until Ctrl-C, which ends it normally; its per-frame detections are not kept
+    in memory (a live source has no end), only the annotated video and labels are.
+    """
     from ..video import FpsMeter, VideoOut, draw_fps, frames, open_capture, source_fps
     from ..writers import write_yolo_txt
 
@@ -90,18 +94,23 @@ def _detect_stream(detector, source, save: Path | None, save_txt: bool) -> dict:
         for index, frame in frames(capture):
             dets = detector.detect(frame)
             fps = meter.tick()
-            per_frame.append({"frame": index, "detections": dets.to_list()})
+            if not camera:
+                per_frame.append({"frame": index, "detections": dets.to_list()})
             if video:
-                video.write(draw_fps(dets.draw(frame), fps))
+                video.write(draw_fps(dets.draw(frame), fps) if fps else dets.draw(frame))
             if save_txt:
                 write_yolo_txt(save / "labels" / f"{name}_{index}.txt", dets)
-    finally:  # a camera runs until Ctrl-C: keep what was written playable
+    except KeyboardInterrupt:
+        if not camera:
+            raise
+    finally:  # keep what was written playable
         capture.release()
         if video:
             video.close()
-    err.print(f"{source.path}: {len(per_frame)} frames at {meter.average:.1f} FPS"
+    err.print(f"{source.path}: {meter.frames} frames at {meter.average:.1f} FPS"
               + (f", annotated video {video.path}" if video else ""), highlight=False)
-    return {"source": str(source.path), "frames": per_frame, "fps": round(meter.average, 2)}
+    return {"source": str(source.path), "frames": per_frame, "frame_count": meter.frames,
+            "fps": round(meter.average, 2)}
 
 
 @cli.command(name="eval")
