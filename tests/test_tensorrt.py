@@ -500,6 +500,86 @@ def test_build_writes_the_portable_bundle_when_cuda_python_raises(monkeypatch, y
     assert bundle.manifest["backend"]["portable"] is True and "engine" not in bundle.manifest["backend"]["files"]
 
 
+class _HostCuda:
+    """A cuda-python runtime whose "GPU" is host memory: the selfcheck's copies, stream and buffers, run for real."""
+
+    class cudaMemcpyKind:  # noqa: N801 - cuda-python's name
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self, count=1, corrupt=False):
+        self.count, self.corrupt, self.buffers, self.streams = count, corrupt, {}, set()
+
+    def cudaGetDeviceCount(self):  # noqa: N802
+        return (_Err(35), 0) if self.count is None else (_Err(0), self.count)
+
+    def cudaGetErrorString(self, err):  # noqa: N802
+        return _Err(0), b"cudaErrorInsufficientDriver"
+
+    def cudaDriverGetVersion(self):  # noqa: N802
+        return _Err(0), 12020
+
+    def cudaGetDeviceProperties(self, index):  # noqa: N802
+        from types import SimpleNamespace
+
+        return _Err(0), SimpleNamespace(name=b"Orin", major=8, minor=7, totalGlobalMem=8 << 30, integrated=1)
+
+    def cudaMalloc(self, nbytes):  # noqa: N802
+        import ctypes
+
+        buffer = ctypes.create_string_buffer(nbytes)
+        self.buffers[ctypes.addressof(buffer)] = buffer
+        return _Err(0), ctypes.addressof(buffer)
+
+    cudaMallocHost = cudaMalloc  # noqa: N815
+
+    def cudaFree(self, ptr):  # noqa: N802
+        self.buffers.pop(int(ptr))
+        return (_Err(0),)
+
+    cudaFreeHost = cudaFree  # noqa: N815
+
+    def cudaStreamCreate(self):  # noqa: N802
+        self.streams.add(7)
+        return _Err(0), 7
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        assert stream in self.streams
+        return (_Err(0),)
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        self.streams.discard(stream)
+        return (_Err(0),)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):  # noqa: N802
+        import ctypes
+
+        assert stream in self.streams
+        ctypes.memmove(dst, src, nbytes)
+        if self.corrupt and kind == self.cudaMemcpyKind.cudaMemcpyDeviceToHost:
+            ctypes.memset(dst, 0xFF, 4)
+        return (_Err(0),)
+
+
+def test_selfcheck_makes_a_real_round_trip(monkeypatch, capsys):
+    from edgeyolo.backends.trt import device, selfcheck
+
+    cuda = _HostCuda()
+    monkeypatch.setattr(device, "cuda_runtime", lambda: cuda)
+    assert selfcheck.main([]) == 0
+    line = capsys.readouterr().out
+    assert "ok: 1 CUDA device(s), Orin (sm 8.7), driver CUDA 12.2" in line and "1 MiB pinned -> GPU -> pinned" in line
+    assert cuda.buffers == {} and cuda.streams == set()  # everything freed
+    corrupt = _HostCuda(corrupt=True)
+    monkeypatch.setattr(device, "cuda_runtime", lambda: corrupt)
+    assert selfcheck.main([]) == 1
+    assert "came back different" in capsys.readouterr().err
+    old_driver = _HostCuda(count=None)  # cuda-python newer than the driver
+    monkeypatch.setattr(device, "cuda_runtime", lambda: old_driver)
+    assert selfcheck.main([]) == 1
+    err = capsys.readouterr().err
+    assert "cudaErrorInsufficientDriver" in err and "newer CUDA than the driver's 12.2" in err
+
+
 # --------------------------------------------------------------------------- TensorRT versions, with stubs
 def _trt_stub(version: str, weak_flags: bool = True, strongly_typed: bool = True):
     from types import SimpleNamespace

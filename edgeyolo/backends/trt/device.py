@@ -17,6 +17,7 @@ import numpy as np
 from ...errors import EdgeYoloError
 
 EXTRA = "tensorrt"
+INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: the CUDA runtime is newer than the driver
 
 
 def cuda_runtime():
@@ -70,8 +71,23 @@ def _device_count() -> tuple[int, str]:
     except Exception as exc:  # noqa: BLE001 - any failure to reach CUDA means no usable GPU
         return 0, f"{type(exc).__name__}: {exc}".strip()
     if int(err) != 0:
-        return 0, error_text(err)
+        reason = error_text(err)
+        if int(err) == INSUFFICIENT_DRIVER:
+            reason += (f": this cuda-python is built for a newer CUDA than the driver's {driver_cuda_version()}; "
+                       "install the cuda-python matching it (docs/jetson.md)")
+        return 0, reason
     return (int(count), "") if int(count) > 0 else (0, "no device")
+
+
+def driver_cuda_version() -> str:
+    """The CUDA version the installed driver supports ("12.2"), or "unknown"."""
+    try:
+        err, version = cuda_runtime().cudaDriverGetVersion()
+        if int(err) == 0 and int(version) > 0:
+            return f"{int(version) // 1000}.{int(version) % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - only a hint in a message
+        pass
+    return "unknown"
 
 
 def require_gpu() -> None:
