@@ -550,6 +550,12 @@ class _HostCuda:
         self.streams.discard(stream)
         return (_Err(0),)
 
+    def cudaMemcpy(self, dst, src, nbytes, kind):  # noqa: N802
+        import ctypes
+
+        ctypes.memmove(dst, src, nbytes)
+        return (_Err(0),)
+
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):  # noqa: N802
         import ctypes
 
@@ -803,6 +809,34 @@ def test_calibrator_records_a_failed_upload(monkeypatch):
     assert calibrator.get_batch(["images"]) is None  # the failed upload: TensorRT sees the end of data
     with pytest.raises(EdgeYoloError, match="after 2 batch.*cudaErrorLaunchFailure"):
         feed.raise_if_failed()
+
+
+def test_implicit_calibrator_recalibrates_when_tensorrt_rejects_the_cache(jetson_int8_bundle, tmp_path, monkeypatch,
+                                                                           logged):
+    """The wiring on the device (stub TensorRT base class, host "GPU"): a cached table is offered first;
+    asked for batches anyway, the calibrator loads the bundle's own calibration images."""
+    from types import SimpleNamespace
+
+    from edgeyolo.backends.tensorrt import CompileJob, implicit_calibrator, plan_compile
+    from edgeyolo.backends.trt import device
+
+    class Base:
+        def __init__(self):
+            pass
+
+    monkeypatch.setattr(device, "cuda_runtime", lambda: _HostCuda())
+    job = CompileJob.from_bundle(load_bundle(jetson_int8_bundle.path))
+    cache = EngineCache([tmp_path / "engines"])
+    plan = plan_compile(job, "8.6.2", cache)
+    calibration_cache(tmp_path / "engines", plan.calibration_key).write(b"TRT-8401-MinMaxCalibration\n")
+    trt = SimpleNamespace(IInt8EntropyCalibrator2=Base, IInt8MinMaxCalibrator=Base)
+    calibrator = implicit_calibrator(trt, job, plan, cache)
+    assert calibrator.read_calibration_cache() == b"TRT-8401-MinMaxCalibration\n"
+    pointers = calibrator.get_batch(["images"])
+    assert pointers is not None, calibrator.feed.error  # rejected: calibrating on the bundle's images
+    assert "rejected the calibration cache" in logged.text and calibrator.feed.seen == 1
+    calibrator.close()
+    calibrator.feed.raise_if_failed()
 
 
 # --------------------------------------------------------------------------- on a GPU with TensorRT

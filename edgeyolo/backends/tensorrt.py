@@ -317,11 +317,12 @@ def implicit_calibrator(trt, job: CompileJob, plan: CompilePlan, cache: EngineCa
     table = _calibration_table(cache, plan.calibration_key)
     batch = plan.input_shape[0] if isinstance(plan.input_shape[0], int) else 1
     shape = (batch, *plan.input_shape[1:])
-    if table.read() is None:  # no table: the images must be here, so say so before the build starts
-        calibration = load_calibration_for(job, shape)
-        load = lambda: CalibrationBatches(calibration, shape)  # noqa: E731
-    else:
-        load = lambda: CalibrationBatches(load_calibration_for(job, shape), shape)  # noqa: E731
+    # no table: the images must be here, so load them (or say they are missing) before the build starts
+    calibration = load_calibration_for(job, shape) if table.read() is None else None
+
+    def load():
+        return CalibrationBatches(load_calibration_for(job, shape) if calibration is None else calibration, shape)
+
     log.info("implicit INT8: TensorRT %s calibrator, calibration cache %s", plan.algorithm, table.path)
     return make_calibrator(trt, plan.algorithm, CalibrationFeed(shape, load, table))
 

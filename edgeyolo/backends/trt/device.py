@@ -73,7 +73,9 @@ def _device_count() -> tuple[int, str]:
     if int(err) != 0:
         reason = error_text(err)
         if int(err) == INSUFFICIENT_DRIVER:
-            reason += (f": this cuda-python is built for a newer CUDA than the driver's {driver_cuda_version()}; "
+            driver = driver_cuda_version()
+            reason += (": no NVIDIA driver here" if driver == "unknown" else
+                       f": this cuda-python is built for a newer CUDA than the driver's {driver}; "
                        "install the cuda-python matching it (docs/jetson.md)")
         return 0, reason
     return (int(count), "") if int(count) > 0 else (0, "no device")
