@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU and TensorRT (8.5-10.x): build cuda-fp16 and cuda-int8, evaluate
-# both on the eval set, benchmark both, and print one summary. Takes under 8 minutes on a
-# desktop/server GPU (most of it: the two engine builds and the INT8 calibration on the CPU).
+# On a machine with an NVIDIA GPU and TensorRT (8.5-11.x): check CUDA with one real round trip, build
+# cuda-fp16 and cuda-int8, evaluate both on the eval set, benchmark both, and print one summary
+# (with the graph each engine was compiled from: weakly typed before TensorRT 10.12, strongly typed
+# after). Takes under 8 minutes on a desktop/server GPU (most of it: the two engine builds and the
+# INT8 calibration on the CPU).
 #
 #   benchmarks/gpu_check.sh                 # fixtures from ../shared/fixtures, results in ./gpu-check
 #   EDGEYOLO_FIXTURES=/data/fixtures OUT=/tmp/gpu-check benchmarks/gpu_check.sh
@@ -16,18 +18,8 @@ CALIB=$FIXTURES/coco128/images
 DATA=$FIXTURES/coco-val-500
 mkdir -p "$OUT"
 
-python - <<'EOF'
-import sys
-try:
-    import tensorrt
-except ImportError:
-    sys.exit("gpu_check: TensorRT's Python package is not installed")
-from edgeyolo.backends.trt.device import gpu_count, gpu_facts
-if not gpu_count():
-    sys.exit("gpu_check: no CUDA GPU visible")
-gpu = gpu_facts()
-print(f"TensorRT {tensorrt.__version__} on {gpu.name} (sm {gpu.compute_capability})")
-EOF
+# device count + pinned -> GPU -> pinned on a stream; fails in one line (e.g. cuda-python newer than the driver)
+python -m edgeyolo.backends.trt.selfcheck --require-tensorrt || exit 1
 
 step() { echo "[$(date +%T)] $*" >&2; }
 timed() { local start=$SECONDS; "$@"; echo $((SECONDS - start)); }
@@ -61,6 +53,12 @@ for target, seconds in (("cuda-fp16", os.environ["FP16_S"]), ("cuda-int8", os.en
     print(f"{target:<10}{seconds:>8}{ev['map50_95'] * 100:>10.2f}{ev['map50'] * 100:>8.2f}{bench['fps']:>8.1f}"
           f"{bench['latency_ms']['p50']:>8.2f}{bench['stages_ms']['inference']['p50']:>9.2f}"
           f"{device.get('engine_activation_mb', 0) + device.get('io_buffers_mb', 0):>8.1f}")
+for target in ("cuda-fp16", "cuda-int8"):
+    for record in sorted((out / target / "engines").glob("*.json")):
+        meta = json.loads(record.read_text())
+        build = meta.get("build", {})
+        print(f"{target}: engine compiled from {meta.get('source')}, {build.get('typing', '?')}ly typed"
+              + (f", INT8 {build['int8']}" if build.get("int8") else ""))
 ort, trt = load("cuda-int8.ort100.json"), load("cuda-int8.trt100.json")
 print(f"cuda-int8 on 100 images: TensorRT {trt['map50_95'] * 100:.2f} vs its Q/DQ ONNX on onnxruntime "
       f"{ort['map50_95'] * 100:.2f} mAP50-95")

@@ -19,6 +19,7 @@ from .export import INPUT_NAME, OUTPUT_NAME, ExportOptions, check_imgsz, export_
 from .log import log
 from .model import load_model, resolve_weights
 from .progress import note, step
+from .portable import compile_portable  # noqa: F401 - its home before the device needed it torch-free
 from .runtime.preprocess import LetterboxSettings
 from .targets import Target, load_target
 
@@ -89,25 +90,6 @@ def compose_manifest(checkpoint, weights_path: Path, target: Target, export: Exp
         "accuracy": None,
     }
     return manifest
-
-
-def compile_portable(path, calib=None, calib_size=None, calib_seed: int = 0) -> Path:
-    """Compile a portable bundle's engine on this device (backends that defer their build, e.g. TensorRT).
-
-    ``calib`` feeds backends that calibrate on the device (TensorRT < 10.1's implicit INT8),
-    letterboxed with the bundle's own preprocessing.
-    """
-    bundle = load_bundle(path)
-    backend = backend_module(bundle.backend)
-    if not hasattr(backend, "compile_bundle"):
-        raise EdgeYoloError(f"{path}: already built for {bundle.target['name']}; nothing to compile on this device")
-    if calib is None:
-        return backend.compile_bundle(bundle)
-    from .calibration import load_calibration
-
-    letterbox = LetterboxSettings.from_dict(bundle.manifest["preprocess"])
-    calibration = load_calibration(calib, letterbox, size=calib_size, seed=calib_seed)
-    return backend.compile_bundle(bundle, calibration=calibration)
 
 
 def cached_reference_bundle(weights, target: str = "cpu-fp32") -> Bundle:

@@ -6,7 +6,9 @@ graph to compile rather than (only) an engine:
 - ``int8``: the explicit-INT8 Q/DQ ONNX (``edgeyolo.quantize``), the very graph ``cpu-int8``
   runs, so ``edgeyolo eval BUNDLE --backend onnxruntime`` measures its accuracy on any CPU;
   plus the FP ONNX for TensorRT's implicit calibrators (TensorRT < 10.1);
-- ``fp16`` / ``fp32``: the FP ONNX.
+- ``fp16`` / ``fp32``: the FP ONNX;
+- for ``int8`` and ``fp16`` also that graph typed in FP16 (``model-typed.onnx``), which
+  TensorRT >= 10.12 compiles as a strongly typed network (11 has no other kind).
 
 ``build`` on a machine with TensorRT and a GPU compiles the engine into the bundle at once;
 elsewhere it writes the portable bundle. ``compile_bundle`` (``edgeyolo build BUNDLE``) or
@@ -28,9 +30,16 @@ from ..bundle import sha256_file
 from ..errors import EdgeYoloError
 from ..log import log
 from . import BuildResult
-from .trt.cache import ENGINES_DIR, EngineCache, EngineKey, calibration_cache, calibration_cache_key, resolve
+from .trt.cache import (
+    ENGINES_DIR,
+    EngineCache,
+    EngineKey,
+    calibration_cache,
+    calibration_cache_key,
+    resolve,
+)
 from .trt.cache import timing_cache as timing_cache_for
-from .trt.options import TrtOptions, int8_mode
+from .trt.options import TrtOptions, check_dla, int8_mode, network_typing
 
 NAME = "tensorrt"
 ONNX_FILE = "model.onnx"
@@ -46,6 +55,7 @@ def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResu
         raise EdgeYoloError(f"tensorrt targets are {', '.join(PRECISIONS)}, not {target.precision}")
     if target.dynamic_shape:
         raise EdgeYoloError("tensorrt engines take a fixed input size (dynamic_batch is supported, dynamic_shape not)")
+    check_dla(options, target.precision, target.dynamic_batch)
     files, info = write_sources(Path(onnx_path), target, Path(out_dir), calibration, options)
     trt = tensorrt_here()
     if trt is None:
@@ -54,6 +64,7 @@ def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResu
         return BuildResult(files=files, info={"version": None, "portable": True, **info})
     job = CompileJob(onnx=Path(out_dir) / files["onnx"],
                      fp_onnx=Path(out_dir) / files["onnx_fp"] if "onnx_fp" in files else None,
+                     typed_onnx=Path(out_dir) / files["onnx_typed"] if "onnx_typed" in files else None,
                      precision=target.precision, options=options,
                      calibration_facts=calibration.describe() if calibration is not None else None,
                      calibration=calibration)
@@ -63,10 +74,16 @@ def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResu
 
 
 def write_sources(onnx_path: Path, target, out_dir: Path, calibration, options: TrtOptions) -> tuple[dict, dict]:
-    """The graphs the device compiles: the Q/DQ ONNX (+ FP ONNX for implicit INT8), or the FP ONNX."""
+    """The graphs the device compiles: the Q/DQ ONNX (+ FP ONNX for implicit INT8), or the FP ONNX; and typed in FP16."""
     if target.precision != "int8":
         shutil.copyfile(onnx_path, out_dir / ONNX_FILE)
-        return {"onnx": ONNX_FILE}, {}
+        files = {"onnx": ONNX_FILE}
+        if target.precision == "fp16":
+            try:
+                files["onnx_typed"] = write_typed_graph(out_dir / ONNX_FILE, out_dir)
+            except EdgeYoloError as exc:
+                log.warning("%s; without it TensorRT 11 cannot compile this bundle", exc)
+        return files, {}
     from ..quantize import QuantizeSettings, quantize_onnx
 
     if calibration is None:
@@ -76,7 +93,18 @@ def write_sources(onnx_path: Path, target, out_dir: Path, calibration, options: 
     if options.int8_calibration != "explicit":
         shutil.copyfile(onnx_path, out_dir / FP_ONNX_FILE)
         files["onnx_fp"] = FP_ONNX_FILE
+    files["onnx_typed"] = write_typed_graph(out_dir / ONNX_FILE, out_dir)
     return files, {"quantization": facts}
+
+
+def write_typed_graph(source: Path, out_dir: Path) -> str:
+    """``source`` with its float parts in FP16, for TensorRT's strongly typed networks (>= 10.12)."""
+    import onnx
+
+    from .trt.typed import TYPED_FILE, fp16_typed
+
+    onnx.save(fp16_typed(onnx.load(str(source))), str(out_dir / TYPED_FILE))
+    return TYPED_FILE
 
 
 def import_tensorrt():
@@ -115,12 +143,14 @@ class CompileJob:
     calibration_facts: dict | None = None
     calibration: object = None  # a CalibrationSet, or a folder/list/named set to load one from
     name: str = "BUNDLE"
+    typed_onnx: Path | None = None  # the graph typed in FP16, for strongly typed networks
 
     @classmethod
     def from_bundle(cls, bundle, calibration=None) -> "CompileJob":
         files = bundle.manifest["backend"]["files"]
         return cls(onnx=bundle.file("onnx"),
                    fp_onnx=bundle.file("onnx_fp") if "onnx_fp" in files else None,
+                   typed_onnx=bundle.file("onnx_typed") if "onnx_typed" in files else None,
                    precision=bundle.target["precision"],
                    options=TrtOptions.from_options(bundle.manifest["backend"].get("options")),
                    calibration_facts=bundle.manifest.get("calibration"), calibration=calibration,
@@ -141,9 +171,9 @@ def compile_engine(trt, job: CompileJob, cache: EngineCache, allow_build: bool) 
     """The cached engine for this device, compiling it first when needed (and allowed)."""
     import onnx
 
-    from .trt.encoding import to_tensorrt_encoding
     from .trt.builder import BuildRequest, build_engine, check_version
     from .trt.device import gpu_facts, memory_info
+    from .trt.encoding import to_tensorrt_encoding
     from .trt.options import workspace_bytes
 
     check_version(trt)
@@ -157,9 +187,9 @@ def compile_engine(trt, job: CompileJob, cache: EngineCache, allow_build: bool) 
     if cached is not None:
         return cached
     if plan.mode == "int8-explicit":
-        to_tensorrt_encoding(model)
+        to_tensorrt_encoding(model)  # a no-op on the typed graph, written in this encoding
     request = BuildRequest(onnx=model.SerializeToString(), precision=job.precision, input_name=plan.input_name,
-                           input_shape=plan.input_shape, options=job.options,
+                           input_shape=plan.input_shape, options=job.options, typing=plan.typing,
                            workspace=workspace_bytes(memory_info()[0], job.options),
                            timing_cache=timing_cache_for(trt.__version__, gpu.name, gpu.compute_capability)
                            if job.options.timing_cache else None)
@@ -170,9 +200,15 @@ def compile_engine(trt, job: CompileJob, cache: EngineCache, allow_build: bool) 
         request.float_tensors = head_tensors(model)
     try:
         engine = build_engine(trt, request)
+    except EdgeYoloError:
+        if calibrator is not None:
+            calibrator.feed.raise_if_failed()  # a failed calibration is the cause worth reporting
+        raise
     finally:
         if calibrator is not None:
             calibrator.close()
+    if calibrator is not None:
+        calibrator.feed.raise_if_failed()  # TensorRT swallows get_batch's exceptions: surface them here
     path = cache.store(key, engine, meta={"source": plan.source.name, "build": request.facts})
     log.info("compiled %s in %.0f s", path, request.facts.get("build_seconds", 0))
     return path
@@ -183,6 +219,7 @@ class CompilePlan:
     """The decisions before a build: which graph, which INT8 mode, which calibration cache."""
 
     mode: str  # fp16 | fp32 | int8-explicit | int8-implicit
+    typing: str  # strong (the graph's own types) | weak (precision builder flags)
     source: Path
     source_sha256: str
     input_name: str
@@ -193,12 +230,15 @@ class CompilePlan:
 
     def settings_digest(self) -> str:
         settings = {"input_shape": [str(d) for d in self.input_shape], "max_batch": self.max_batch,
-                    "calibration": self.calibration_key}
+                    "calibration": self.calibration_key, "typing": self.typing}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_compile(job: CompileJob, tensorrt_version: str, cache: EngineCache) -> CompilePlan:
-    """Pick the graph and INT8 mode for this TensorRT; ``auto`` falls back to explicit when implicit has no data."""
+    """Pick the graph, INT8 mode and typing for this TensorRT; ``auto`` falls back to explicit when implicit has no data.
+
+    DLA limits are checked here too, for bundles whose options were edited after the build.
+    """
     from .trt.calibrator import algorithm_for
 
     mode = job.precision
@@ -209,16 +249,23 @@ def plan_compile(job: CompileJob, tensorrt_version: str, cache: EngineCache) -> 
         log.warning("TensorRT %s: no calibration images or calibration cache here for implicit INT8; "
                     "compiling the explicit Q/DQ ONNX instead", tensorrt_version)
         plan = _plan(job, "int8-explicit", tensorrt_version, algorithm_for)
+    check_dla(job.options, job.precision, plan.max_batch is not None)
     return plan
 
 
 def _plan(job: CompileJob, mode: str, tensorrt_version: str, algorithm_for) -> CompilePlan:
     import onnx
 
-    source = job.fp_onnx if mode == "int8-implicit" else job.onnx
+    typing = network_typing(tensorrt_version, mode, job.typed_onnx is not None)
+    if mode == "int8-implicit":
+        source = job.fp_onnx
+    elif typing == "strong" and mode != "fp32":
+        source = job.typed_onnx
+    else:
+        source = job.onnx
     input_name, input_shape = graph_input(onnx.load(str(source), load_external_data=False))
     digest = sha256_file(source)
-    plan = CompilePlan(mode=mode, source=source, source_sha256=digest, input_name=input_name, input_shape=input_shape,
+    plan = CompilePlan(mode=mode, typing=typing, source=source, source_sha256=digest, input_name=input_name, input_shape=input_shape,
                        max_batch=None if isinstance(input_shape[0], int) else job.options.max_batch)
     if mode == "int8-implicit":
         plan.algorithm = algorithm_for((job.calibration_facts or {}).get("method") or "entropy")
@@ -260,29 +307,24 @@ def head_tensors(model) -> tuple[str, ...]:
 
 
 def implicit_calibrator(trt, job: CompileJob, plan: CompilePlan, cache: EngineCache):
-    """TensorRT's calibrator over our calibration images, with a calibration cache keyed by them."""
-    from .trt.calibrator import CalibrationBatches, make_calibrator
+    """TensorRT's calibrator over our calibration images, with a calibration cache keyed by them.
+
+    The images are loaded only when TensorRT asks for batches: never when it accepts the
+    cached table, and also when it rejects one (it then calibrates afresh).
+    """
+    from .trt.calibrator import CalibrationBatches, CalibrationFeed, make_calibrator
 
     table = _calibration_table(cache, plan.calibration_key)
     batch = plan.input_shape[0] if isinstance(plan.input_shape[0], int) else 1
     shape = (batch, *plan.input_shape[1:])
-    if table.read() is not None:
-        batches = _NoBatches(shape)
-    else:
-        batches = CalibrationBatches(load_calibration_for(job, shape), shape)
+    # no table: the images must be here, so load them (or say they are missing) before the build starts
+    calibration = load_calibration_for(job, shape) if table.read() is None else None
+
+    def load():
+        return CalibrationBatches(load_calibration_for(job, shape) if calibration is None else calibration, shape)
+
     log.info("implicit INT8: TensorRT %s calibrator, calibration cache %s", plan.algorithm, table.path)
-    return make_calibrator(trt, plan.algorithm, batches, table)
-
-
-class _NoBatches:
-    """With a valid calibration cache TensorRT reads it and asks for no batches."""
-
-    def __init__(self, shape):
-        self.shape, self.batch_size = tuple(shape), int(shape[0])
-        self.nbytes = int(np.prod(shape)) * 4
-
-    def __iter__(self):
-        return iter(())
+    return make_calibrator(trt, plan.algorithm, CalibrationFeed(shape, load, table))
 
 
 def load_calibration_for(job: CompileJob, shape):
@@ -323,7 +365,7 @@ class Engine:
         job = CompileJob.from_bundle(bundle)
         self.engine_path = compile_engine(trt, job, EngineCache.for_bundle(bundle.path),
                                           allow_build=options.build_on_load)
-        self.runner = TrtRunner(trt, self.engine_path.read_bytes())
+        self.runner = TrtRunner(trt, self.engine_path.read_bytes(), dla_core=options.dla_core)
         gpu = gpu_facts()
         self.gpu = gpu
         self.info = {"backend": NAME, "version": trt.__version__, "threads": None, "gpu": gpu.name,

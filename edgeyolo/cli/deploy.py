@@ -66,21 +66,19 @@ def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, va
     WEIGHTS may also be a portable bundle (e.g. jetson-int8 built on a workstation):
     its engine is then compiled here, on the device, and cached beside it.
     """
-    from ..build import (
-        BuildOptions,
-        build_bundle,
-        compile_portable,
-        prepare_calibration,
-    )
     from ..bundle import is_bundle
+
+    if is_bundle(weights):  # on the device: no torch there, so nothing from ..build
+        from ..portable import compile_portable
+
+        engine = compile_portable(weights, calib, calib_size, calib_seed)
+        err.print(f"compiled {engine} for this device", highlight=False)
+        return
+    from ..build import BuildOptions, build_bundle, prepare_calibration
     from ..gate import accuracy_gate
     from ..progress import step
     from ..targets import load_target
 
-    if is_bundle(weights):
-        engine = compile_portable(weights, calib, calib_size, calib_seed)
-        err.print(f"compiled {engine} for this device", highlight=False)
-        return
     if not target_name:
         raise EdgeYoloError("pass --target (see 'edgeyolo targets')")
     target = load_target(target_name)

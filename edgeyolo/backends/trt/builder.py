@@ -1,4 +1,13 @@
-"""ONNX → serialized TensorRT engine, on the device (needs TensorRT 8.5–10.x and a GPU)."""
+"""ONNX → serialized TensorRT engine, on the device (needs TensorRT 8.5–11.x and a GPU).
+
+Which network definition each TensorRT gets (``network_flags``, tested with stubs):
+
+- before 10: explicit batch requested (``EXPLICIT_BATCH``; implicit batch was the default);
+- 10.0–10.11: weakly typed, the FP16/INT8 builder flags choose the precisions;
+- 10.12–10.x: strongly typed (``STRONGLY_TYPED``) for graphs typed in the ONNX itself, the
+  flags still for TensorRT's implicit INT8 calibrators and bundles without a typed graph;
+- 11: strongly typed only (the flag is accepted and ignored; the precision flags are gone).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ from ...log import log
 from .options import MIB, TrtOptions, parse_version
 
 MIN_VERSION = (8, 5)  # the tensor-address API (execute_async_v3)
+TESTED_MAJORS = (8, 9, 10, 11)
 
 
 _LOGGER = None
@@ -24,13 +34,30 @@ def trt_logger(trt):
 
 
 def check_version(trt) -> None:
+    """TensorRT 8.5 (JetPack 5.1) or newer; a major release newer than 11 is tried, with a warning."""
     version = parse_version(trt.__version__)
     if version < MIN_VERSION:
         raise EdgeYoloError(f"TensorRT {trt.__version__} is too old; edgeyolo needs {'.'.join(map(str, MIN_VERSION))} "
                             "or newer (JetPack 5.1+)")
-    if not hasattr(trt.BuilderFlag, "FP16"):
-        raise EdgeYoloError(f"TensorRT {trt.__version__} builds strongly-typed networks only; edgeyolo's TensorRT "
-                            "backend supports TensorRT 8.5 to 10.x")
+    if version[0] > TESTED_MAJORS[-1]:
+        log.warning("TensorRT %s is newer than the releases edgeyolo knows (8.5 to 11.x); trying it as 11",
+                    trt.__version__)
+
+
+def network_flags(trt, typing: str) -> int:
+    """``create_network``'s flags for this TensorRT and typing (see the module's docstring)."""
+    version = parse_version(trt.__version__)
+    flags = 0
+    if version < (10,):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if typing == "strong":
+        strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if strongly_typed is None:
+            raise EdgeYoloError(f"TensorRT {trt.__version__} cannot build strongly typed networks")
+        flags |= 1 << int(strongly_typed)
+    elif not hasattr(trt.BuilderFlag, "FP16"):
+        raise EdgeYoloError(f"TensorRT {trt.__version__} builds strongly typed networks only")
+    return flags
 
 
 @dataclass
@@ -43,6 +70,7 @@ class BuildRequest:
     input_shape: tuple  # (batch or "batch", 3, h, w)
     options: TrtOptions
     workspace: int
+    typing: str = "weak"  # strong: precisions from the graph's types; weak: from builder flags
     calibrator: object = None  # implicit INT8 only
     float_tensors: tuple = ()  # implicit INT8: tensors kept out of INT8 (the head)
     timing_cache: object = None  # a FileCache
@@ -54,8 +82,8 @@ def build_engine(trt, request: BuildRequest) -> bytes:
     check_version(trt)
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
-    flags = 0 if parse_version(trt.__version__) >= (10,) else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    _check_dla_cores(builder, request)
+    network = builder.create_network(network_flags(trt, request.typing))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(request.onnx):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -78,6 +106,12 @@ def build_engine(trt, request: BuildRequest) -> bytes:
 
 
 def _set_precision(trt, config, network, request: BuildRequest) -> None:
+    request.facts["typing"] = request.typing
+    if request.typing == "strong":
+        # the graph's own types: FP16 where the typed graph says, INT8 between its Q/DQ pairs
+        if request.precision == "int8":
+            request.facts["int8"] = "explicit (Q/DQ ONNX, strongly typed)"
+        return
     if request.precision == "fp32":
         return
     # FP16 in every INT8 build too: layers left unquantised (the head) then run in FP16, not FP32.
@@ -129,13 +163,21 @@ def _set_profile(builder, config, request: BuildRequest) -> None:
         config.set_calibration_profile(calib)
 
 
+def _check_dla_cores(builder, request: BuildRequest) -> None:
+    """DLA limits (precision, fixed batch) and this device's core count, before parsing anything."""
+    from .options import check_dla
+
+    core = request.options.dla_core
+    check_dla(request.options, request.precision, not isinstance(request.input_shape[0], int))
+    if core >= 0 and core >= builder.num_DLA_cores:
+        raise EdgeYoloError(f"dla_core = {core}, but this device has {builder.num_DLA_cores} DLA core(s); "
+                            "set dla_core = -1 for the GPU")
+
+
 def _set_dla(trt, builder, config, request: BuildRequest) -> None:
     core = request.options.dla_core
     if core < 0:
         return
-    if core >= builder.num_DLA_cores:
-        raise EdgeYoloError(f"dla_core = {core}, but this device has {builder.num_DLA_cores} DLA core(s); "
-                            "set dla_core = -1 for the GPU")
     config.default_device_type = trt.DeviceType.DLA
     config.DLA_core = core
     config.set_flag(trt.BuilderFlag.GPU_FALLBACK)

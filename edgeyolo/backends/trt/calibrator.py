@@ -7,7 +7,7 @@ fallback where the explicit path is not the default. ``CalibrationBatches`` is p
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -63,11 +63,78 @@ class CalibrationBatches:
             yield np.ascontiguousarray(batch, dtype=np.float32).reshape(self.shape)
 
 
-def make_calibrator(trt, algorithm: str, batches: CalibrationBatches, cache):
-    """A TensorRT ``IInt8EntropyCalibrator2`` / ``IInt8MinMaxCalibrator`` over ``batches``.
+class CalibrationFeed:
+    """What TensorRT's calibrator callbacks do, in plain Python (tested without TensorRT).
 
-    ``cache`` (a ``FileCache``) holds TensorRT's calibration table: when present, TensorRT
-    reads it and skips calibration; after calibrating, TensorRT writes it there.
+    Two things TensorRT would otherwise hide: it swallows an exception raised in
+    ``get_batch`` (logs it, takes it as the end of the data, and builds on a shortened
+    calibration), so the first one is kept and re-raised after the build; and when it
+    rejects a cached table (another TensorRT, a damaged file) it asks for batches after all,
+    so they are loaded then and the table is rewritten, rather than building on none.
+    """
+
+    def __init__(self, shape, load_batches: Callable[[], Iterable[np.ndarray]], cache):
+        self.shape = tuple(int(d) for d in shape)
+        self.batch_size = self.shape[0]
+        self.nbytes = int(np.prod(self.shape)) * 4
+        self.load_batches, self.cache = load_batches, cache
+        self.error: BaseException | None = None
+        self.cache_read = False  # TensorRT was handed a cached table
+        self.asked = False  # TensorRT asked for batches (no table, or it rejected the table)
+        self.seen = 0
+        self._batches: Iterator[np.ndarray] | None = None
+
+    def next_batch(self) -> np.ndarray | None:
+        """The next batch, or None at the end of the data or after a failure (kept for ``raise_if_failed``)."""
+        if self.error is not None:
+            return None
+        try:
+            if self._batches is None:
+                self.asked = True
+                if self.cache_read:
+                    log.warning("TensorRT rejected the calibration cache %s; calibrating again", self.cache.path)
+                self._batches = iter(self.load_batches())
+            batch = next(self._batches, None)
+            if batch is None:
+                return None
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+            if batch.shape != self.shape:
+                raise EdgeYoloError(f"calibration batch {self.seen} has shape {batch.shape}, not {self.shape}")
+            self.seen += 1
+            return batch
+        except BaseException as exc:  # noqa: BLE001 - TensorRT would swallow it; re-raised after the build
+            self.error = exc
+            return None
+
+    def fail(self, exc: BaseException) -> None:
+        """Keep an exception raised while handing a batch to TensorRT (the upload)."""
+        if self.error is None:
+            self.error = exc
+
+    def read_cache(self):
+        data = self.cache.read()
+        self.cache_read = data is not None
+        return data
+
+    def write_cache(self, data) -> None:
+        self.cache.write(bytes(data))
+
+    def raise_if_failed(self) -> None:
+        """After the build: the calibration's own failure, or a calibration on no data at all, as one line."""
+        if isinstance(self.error, (KeyboardInterrupt, SystemExit)):
+            raise self.error
+        if self.error is not None:
+            detail = str(self.error) if isinstance(self.error, EdgeYoloError) else f"{type(self.error).__name__}: {self.error}"
+            raise EdgeYoloError(f"INT8 calibration failed after {self.seen} batch(es): {detail}") from self.error
+        if self.asked and self.seen == 0:
+            raise EdgeYoloError("INT8 calibration got no batches: the calibration set is empty")
+
+
+def make_calibrator(trt, algorithm: str, feed: CalibrationFeed):
+    """A TensorRT ``IInt8EntropyCalibrator2`` / ``IInt8MinMaxCalibrator`` over ``feed``.
+
+    ``feed.cache`` (a ``FileCache``) holds TensorRT's calibration table: when TensorRT accepts
+    it, calibration is skipped; after calibrating, TensorRT writes it there.
     """
     from .device import DeviceBuffer
 
@@ -76,26 +143,28 @@ def make_calibrator(trt, algorithm: str, batches: CalibrationBatches, cache):
     class Calibrator(base):
         def __init__(self):
             base.__init__(self)
-            self._batches = iter(batches)
-            self._device = DeviceBuffer(batches.nbytes)
-            self.seen = 0
+            self.feed = feed
+            self._device = DeviceBuffer(feed.nbytes)
 
         def get_batch_size(self):
-            return batches.batch_size
+            return feed.batch_size
 
         def get_batch(self, names, *_):
-            batch = next(self._batches, None)
+            batch = feed.next_batch()
             if batch is None:
                 return None
-            self._device.upload(batch)
-            self.seen += 1
+            try:
+                self._device.upload(batch)
+            except BaseException as exc:  # noqa: BLE001 - see CalibrationFeed
+                feed.fail(exc)
+                return None
             return [int(self._device)] * len(names)
 
         def read_calibration_cache(self, *_):
-            return cache.read()
+            return feed.read_cache()
 
         def write_calibration_cache(self, data, *_):
-            cache.write(bytes(data))
+            feed.write_cache(data)
 
         def close(self):
             self._device.close()

@@ -17,6 +17,7 @@ import numpy as np
 from ...errors import EdgeYoloError
 
 EXTRA = "tensorrt"
+INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: the CUDA runtime is newer than the driver
 
 
 def cuda_runtime():
@@ -52,20 +53,48 @@ def error_text(err) -> str:
 
 
 def gpu_count() -> int:
-    """CUDA devices visible here; 0 without cuda-python, a driver or a GPU."""
+    """CUDA devices usable here; 0 whenever CUDA cannot be reached, whatever the reason.
+
+    cuda-python answers "no driver" in several ways: an error code (most versions), a
+    ``RuntimeError`` on the first call (12.0-12.8 without ``libcuda.so``), an ``ImportError``
+    of its extension, or our own error when it is missing. All of them mean "no GPU here", so
+    ``build`` writes the portable bundle instead of crashing on a workstation.
+    """
+    return _device_count()[0]
+
+
+def _device_count() -> tuple[int, str]:
+    """(devices, why none) with every way of failing to reach CUDA folded into ``(0, reason)``."""
     try:
         cudart = cuda_runtime()
-    except EdgeYoloError:
-        return 0
-    err, count = cudart.cudaGetDeviceCount()
-    return int(count) if int(err) == 0 else 0
+        err, count = cudart.cudaGetDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - any failure to reach CUDA means no usable GPU
+        return 0, f"{type(exc).__name__}: {exc}".strip()
+    if int(err) != 0:
+        reason = error_text(err)
+        if int(err) == INSUFFICIENT_DRIVER:
+            driver = driver_cuda_version()
+            reason += (": no NVIDIA driver here" if driver == "unknown" else
+                       f": this cuda-python is built for a newer CUDA than the driver's {driver}; "
+                       "install the cuda-python matching it (docs/jetson.md)")
+        return 0, reason
+    return (int(count), "") if int(count) > 0 else (0, "no device")
+
+
+def driver_cuda_version() -> str:
+    """The CUDA version the installed driver supports ("12.2"), or "unknown"."""
+    try:
+        err, version = cuda_runtime().cudaDriverGetVersion()
+        if int(err) == 0 and int(version) > 0:
+            return f"{int(version) // 1000}.{int(version) % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - only a hint in a message
+        pass
+    return "unknown"
 
 
 def require_gpu() -> None:
-    cudart = cuda_runtime()
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or not count:
-        reason = error_text(err) if int(err) != 0 else "no device"
+    count, reason = _device_count()
+    if not count:
         raise EdgeYoloError(f"the tensorrt backend needs an NVIDIA GPU and its driver; none usable here ({reason})")
 
 

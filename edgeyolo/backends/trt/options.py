@@ -11,6 +11,9 @@ MIB = 1 << 20
 MIN_WORKSPACE = 64 * MIB
 EXPLICIT_DEFAULT_FROM = (10, 1)  # TensorRT deprecated its implicit INT8 calibrators in 10.1
 IMPLICIT_REMOVED_IN = (11, 0)
+STRONGLY_TYPED_FROM = (10, 12)  # precision flags deprecated in favour of strongly typed networks
+WEAK_TYPING_REMOVED_IN = (11, 0)  # BuilderFlag.FP16/INT8 and precision constraints are gone
+DLA_PRECISIONS = ("fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -95,3 +98,35 @@ def int8_mode(options: TrtOptions, tensorrt_version: str, has_fp_onnx: bool) -> 
             raise EdgeYoloError("implicit INT8 calibration needs the FP ONNX, which this bundle lacks; "
                                 "rebuild it with int8_calibration = \"implicit\" or \"auto\"")
     return mode
+
+
+def network_typing(tensorrt_version: str, mode: str, has_typed_graph: bool) -> str:
+    """``strong`` (precision from the graph's own types) or ``weak`` (FP16/INT8 builder flags).
+
+    From 10.12 TensorRT deprecates the precision flags in favour of strongly typed networks,
+    and 11 removes them: there the bundle's FP16-typed graph is compiled as it is. FP32 needs
+    no flag, and TensorRT's implicit calibrators exist only on weakly typed networks.
+    """
+    version = parse_version(tensorrt_version)
+    if mode == "int8-implicit":
+        return "weak"
+    if mode == "fp32":
+        return "strong" if version >= WEAK_TYPING_REMOVED_IN else "weak"
+    if version >= STRONGLY_TYPED_FROM and has_typed_graph:
+        return "strong"
+    if version >= WEAK_TYPING_REMOVED_IN:
+        raise EdgeYoloError(f"TensorRT {tensorrt_version} builds strongly typed networks only, and this bundle has "
+                            "no FP16-typed graph (model-typed.onnx): rebuild the bundle with this edgeyolo")
+    return "weak"
+
+
+def check_dla(options: TrtOptions, precision: str, dynamic_batch: bool) -> None:
+    """DLA runs FP16 and INT8 only, and only static shapes (min = opt = max): say so before any build."""
+    if options.dla_core < 0:
+        return
+    if precision not in DLA_PRECISIONS:
+        raise EdgeYoloError(f"dla_core = {options.dla_core}: the DLA runs {' and '.join(DLA_PRECISIONS)} only, "
+                            f"not {precision}; use an fp16 or int8 target, or dla_core = -1 for the GPU")
+    if dynamic_batch:
+        raise EdgeYoloError(f"dla_core = {options.dla_core}: the DLA needs a fixed batch (min = opt = max), "
+                            "not a dynamic one; set dynamic_batch = false, or dla_core = -1 for the GPU")

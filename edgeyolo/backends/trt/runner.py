@@ -30,10 +30,11 @@ class _Binding:
 
 
 class TrtRunner:
-    def __init__(self, trt, engine_bytes: bytes):
+    def __init__(self, trt, engine_bytes: bytes, dla_core: int = -1):
         check_version(trt)
         self.trt = trt
         self.runtime = trt.Runtime(trt_logger(trt))
+        set_dla_core(self.runtime, dla_core)
         self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise EdgeYoloError("TensorRT could not load the engine (built by another TensorRT or for another GPU?)")
@@ -72,7 +73,8 @@ class TrtRunner:
         if bound is not None and bound.shape == tuple(shape):
             return
         if -1 in tuple(self.engine.get_tensor_shape(name)):
-            self.context.set_input_shape(name, tuple(shape))
+            if not self.context.set_input_shape(name, tuple(shape)):
+                raise EdgeYoloError(f"the engine takes batches of {self._batch_range(name)}, not {tuple(shape)}")
         elif tuple(self.engine.get_tensor_shape(name)) != tuple(shape):
             raise EdgeYoloError(f"the engine takes {tuple(self.engine.get_tensor_shape(name))}, not {tuple(shape)}")
         for tensor in (name, *self.output_names):
@@ -83,6 +85,14 @@ class TrtRunner:
             binding = _Binding(tensor, tensor_shape, self.trt.nptype(self.engine.get_tensor_dtype(tensor)))
             self.bindings[tensor] = binding
             self.context.set_tensor_address(tensor, int(binding.device))
+
+    def _batch_range(self, name: str) -> str:
+        """The optimisation profile's batch range, for the error message."""
+        try:
+            low, _, high = self.engine.get_tensor_profile_shape(name, 0)
+            return f"{low[0]} to {high[0]} (shape {tuple(high)} at most)"
+        except Exception:  # noqa: BLE001 - only the message is at stake
+            return "the sizes of its optimisation profile"
 
     def memory(self) -> dict:
         """GPU memory this engine holds: activations (the execution context) and I/O buffers."""
@@ -107,3 +117,16 @@ class TrtRunner:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn CUDA down already
             pass
+
+
+def set_dla_core(runtime, core: int) -> None:
+    """Point the runtime at the DLA core the engine was built for, before deserialising it.
+
+    An engine built for a DLA core otherwise runs on whichever core the runtime defaults to (0).
+    """
+    if core < 0:
+        return
+    available = int(getattr(runtime, "num_DLA_cores", 0))
+    if core >= available:
+        raise EdgeYoloError(f"the engine was built for DLA core {core}, but this device has {available} DLA core(s)")
+    runtime.DLA_core = core
