@@ -67,7 +67,7 @@ def plot_pareto(report: dict, path: Path) -> None:
     ax.set_xlabel("latency p50, end to end (ms, batch 1)  — lower is better")
     ax.set_ylabel("COCO mAP50-95 (%)  — higher is better")
     ax.set_title("Accuracy vs latency (black edge and dashed line: Pareto front)", fontsize=11)
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, which="both", alpha=0.3)
     if rows:
         _legend(ax, rows, colour, marker, area)
     else:
