@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import EdgeYoloError
+
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+
+
+def require_matplotlib() -> None:
+    """Fail before hours of measuring, not after, where the plotting library is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise EdgeYoloError("edgeyolo report draws with matplotlib: pip install 'edgeyolo[report]'") from None
 
 
 def _pyplot():

@@ -48,7 +48,9 @@ def run_report(config: ReportConfig, on_update: Callable[[list[dict], str], None
     may return a context manager yielding ``advance(n)``.
     """
     from ..datasets import load_dataset
+    from .plots import require_matplotlib
 
+    require_matplotlib()
     root = Path(config.out)
     dataset = load_dataset(config.data)
     cells = plan_cells(config.models, config.targets, config.sizes)
