@@ -22,17 +22,20 @@ def _int_list(value: str) -> list[int]:
     return sizes
 
 
-def _live_table(rows: list[dict], message: str) -> Table:
+def _live_table(rows: list[dict], message: str, rounds: int) -> Table:
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
-    table = Table("model", "target", "imgsz", "mAP50-95", "drop", "FPS", "p50 ms", "p99 ms", "RSS MB", "build s",
-                  "status", title=message, title_justify="left")
+    table = Table(title=message, title_justify="left")
+    for name in ("model", "target", "size", "mAP50-95", "drop", "FPS", "p50 ms", "RSS MB"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("status", overflow="ellipsis", no_wrap=True)
     for r in rows:
-        status = f"[red]{r['error'][:60]}[/]" if r["error"] else ("cached" if r["cached"] else "")
-        if r["rounds"]:
-            status = f"{status} {r['rounds']} round(s)".strip()
+        if r["error"]:
+            status = f"[red]{r['error'][:50]}[/]"
+        else:
+            status = ("cached" if r["cached"] else "") + (f" {r['rounds']}/{rounds}" if r["rounds"] else "")
         table.add_row(r["model"], r["target"], str(r["imgsz"]), fmt(r["map50_95"]), fmt(r["drop"], "{:+.2f}"),
-                      fmt(r["fps"], "{:.1f}"), fmt(r["p50_ms"], "{:.1f}"), fmt(r["p99_ms"], "{:.1f}"),
-                      fmt(r["peak_rss_mb"], "{:.0f}"), fmt(r["build_s"], "{:.0f}"), status)
+                      fmt(r["fps"], "{:.1f}"), fmt(r["p50_ms"], "{:.1f}"), fmt(r["peak_rss_mb"], "{:.0f}"),
+                      status.strip())
     return table
 
 
@@ -69,7 +72,7 @@ def report(models, targets, data, calib, calib_size, imgsz, max_drop, rounds, it
     with live:
         def on_update(rows, message):
             if err.is_terminal:
-                live.update(_live_table(rows, message), refresh=True)
+                live.update(_live_table(rows, message, rounds), refresh=True)
             else:
                 err.print(message, highlight=False)
 

@@ -12,7 +12,7 @@ from ..compare import bench_in_turns
 from ..errors import EdgeYoloError
 from .builder import ensure_bundle
 from .plan import CalibSpec, Cell, plan_cells
-from .rows import finish_rows, make_row
+from .rows import add_drops, finish_rows, make_row
 from .state import ReportState
 
 
@@ -108,7 +108,9 @@ def run_report(config: ReportConfig, on_update: Callable[[list[dict], str], None
 
 
 def current_rows(cells: list[Cell], state: ReportState) -> list[dict]:
-    return [make_row(c, state.cell(c.id)) for c in cells]
+    rows = [make_row(c, state.cell(c.id)) for c in cells]
+    add_drops(rows)
+    return rows
 
 
 def _build_cell(cell: Cell, entry: dict, root: Path, calib: CalibSpec) -> None:
