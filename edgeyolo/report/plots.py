@@ -45,14 +45,16 @@ def _styles(rows: list[dict]):
 def _legend(ax, rows, colour, marker, area) -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=c, marker="o", linestyle="", label=t) for t, c in colour.items()]
+    handles, title = [Line2D([], [], color=c, marker="o", linestyle="", label=t) for t, c in colour.items()], ["target"]
     if len(marker) > 1:
         handles += [Line2D([], [], color="grey", marker=m, linestyle="", label=name) for name, m in marker.items()]
+        title.append("model")
     if len(area) > 1:
         handles += [Line2D([], [], color="grey", marker="o", linestyle="", markersize=a ** 0.5, label=f"{s} px")
                     for s, a in area.items()]
+        title.append("input size")
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=9,
-              title="target / model / size", title_fontsize=9)
+              title=" / ".join(title), title_fontsize=9)
 
 
 def plot_pareto(report: dict, path: Path) -> None:
@@ -67,7 +69,7 @@ def plot_pareto(report: dict, path: Path) -> None:
     if front:
         ax.step([r["p50_ms"] for r in front], [r["map50_95"] for r in front], where="post", color="black",
                 linestyle="--", linewidth=1, zorder=2, label="Pareto front")
-    if rows and max(r["p50_ms"] for r in rows) / max(1e-9, min(r["p50_ms"] for r in rows)) > 5:
+    if rows and max(r["p50_ms"] for r in rows) / max(1e-9, min(r["p50_ms"] for r in rows)) > 10:
         from matplotlib.ticker import FuncFormatter
 
         ax.set_xscale("log")
@@ -78,6 +80,8 @@ def plot_pareto(report: dict, path: Path) -> None:
     ax.set_ylabel("COCO mAP50-95 (%)  — higher is better")
     ax.set_title("Accuracy vs latency (black edge and dashed line: Pareto front)", fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
+    if ax.get_xscale() == "linear":
+        ax.set_xlim(left=0)
     if rows:
         _legend(ax, rows, colour, marker, area)
     else:
