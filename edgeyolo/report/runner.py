@@ -63,7 +63,7 @@ def run_report(config: ReportConfig, on_update: Callable[[list[dict], str], None
 
     for cell in cells:
         entry = state.cell(cell.id)
-        if "build_s" not in entry and not entry.get("bundle") and not entry.get("error"):
+        if not entry.get("bundle") and not cell.target_error and not cell.bundle_dir(root, calib).is_dir():
             update(f"building {cell.id}")
         _build_cell(cell, entry, root, calib)
         if "cost" not in entry:
