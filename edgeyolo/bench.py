@@ -36,7 +36,17 @@ def percentiles(samples_s: list[float]) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (the engine, buffers and the runtime)."""
+    """Peak resident memory of this process so far (the engine, buffers and the runtime).
+
+    On Linux this is ``VmHWM``: ``ru_maxrss`` survives ``exec``, so a benchmark process started
+    by a big parent (e.g. ``edgeyolo report`` after evaluating) would report the parent's peak.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 

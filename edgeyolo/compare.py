@@ -49,6 +49,32 @@ def bench_in_subprocess(bundle: Path, iters: int, warmup: int) -> dict:
     return json.loads(result.stdout)
 
 
+def bench_in_turns(bundles: list[str], rounds: int, iters: int, warmup: int, on_result,
+                   done: dict[str, int] | None = None, on_error=None) -> None:
+    """Benchmark every bundle ``rounds`` times, one fresh process each, bundles taking turns round by round.
+
+    ``on_result(bundle, result)`` sees each result as it comes (so a caller can save it at once);
+    ``done`` (bundle → rounds already measured) lets an interrupted series continue where it stopped.
+    With ``on_error(bundle, exc)`` a bundle whose benchmark fails is reported and left out of later
+    rounds instead of stopping the series.
+    """
+    done, failed = dict(done or {}), set()
+    for round_index in range(rounds):
+        for bundle in bundles:
+            if done.get(bundle, 0) > round_index or bundle in failed:
+                continue
+            try:
+                result = bench_in_subprocess(Path(bundle), iters, warmup)
+            except EdgeYoloError as exc:
+                if on_error is None:
+                    raise
+                failed.add(bundle)
+                on_error(bundle, exc)
+                continue
+            on_result(bundle, result)
+            done[bundle] = done.get(bundle, 0) + 1
+
+
 def compare(bundles: list[Path], data=None, limit: int | None = None, rounds: int = 3, iters: int = 50,
             warmup: int = 5, progress=None) -> list[dict]:
     rows = []
@@ -57,15 +83,18 @@ def compare(bundles: list[Path], data=None, limit: int | None = None, rounds: in
         size = sum((b.path / name).stat().st_size for name in b.manifest["checksums"]) / 1e6
         rows.append(Row(bundle=str(path), target=b.target["name"], backend=b.backend,
                         precision=b.target["precision"], size_mb=round(size, 2)))
-    for _ in range(rounds):
-        for row in rows:
-            result = bench_in_subprocess(Path(row.bundle), iters, warmup)
-            row.fps.append(result["fps"])
-            row.p50_ms.append(result["latency_ms"]["p50"])
-            row.p99_ms.append(result["latency_ms"]["p99"])
-            row.peak_rss_mb.append(result["peak_rss_mb"])
-            if progress:
-                progress(1)
+    by_path = {row.bundle: row for row in rows}
+
+    def record(path: str, result: dict) -> None:
+        row = by_path[path]
+        row.fps.append(result["fps"])
+        row.p50_ms.append(result["latency_ms"]["p50"])
+        row.p99_ms.append(result["latency_ms"]["p99"])
+        row.peak_rss_mb.append(result["peak_rss_mb"])
+        if progress:
+            progress(1)
+
+    bench_in_turns(list(by_path), rounds, iters, warmup, record)
     if data is not None:
         from .datasets import load_dataset
         from .evaluate import evaluate
