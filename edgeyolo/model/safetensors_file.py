@@ -142,6 +142,12 @@ def read_metadata_json(path: Path, header: Header, key: str, what: str) -> dict:
     return value
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """``safetensors`` save to a temporary sibling, flushed, then renamed over ``path``."""
     from safetensors.torch import save_file
@@ -152,6 +158,7 @@ def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
