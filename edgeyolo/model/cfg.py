@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ..errors import EdgeYoloError
@@ -140,6 +139,8 @@ def build_model(cfg: dict, where: str = "model yaml") -> Model:
 
 def standard_cfg(name: str) -> dict:
     """The description of ``yolov5n`` … ``yolov5x`` (shipped as data: one layout, five multiples)."""
+    import yaml  # the [eval]/[train] extras bring pyyaml; plain .pt loading does not need it
+
     text = resources.files(__package__).joinpath("architectures", "yolov5.yaml").read_text(encoding="utf-8")
     cfg = yaml.safe_load(text)
     cfg["depth_multiple"], cfg["width_multiple"] = STANDARD_MULTIPLES[name]
@@ -150,6 +151,8 @@ def read_cfg(spec: str | Path | dict) -> dict:
     """A model description from a dict, a standard name (``yolov5s`` / ``yolov5s.yaml``) or a yaml file."""
     if isinstance(spec, dict):
         return validate_architecture(spec)
+    import yaml
+
     path = Path(spec).expanduser()
     name = path.name.removesuffix(".yaml").removesuffix(".yml")
     if not path.exists() and name in STANDARD_MULTIPLES and str(spec) in (name, path.name):

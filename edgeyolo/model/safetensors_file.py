@@ -73,7 +73,7 @@ def read_header(path: Path, max_data_bytes: int = MAX_DATA_BYTES) -> Header:
         fail(f"cannot read ({exc.strerror or exc})")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         fail("not a safetensors file (its header is not JSON)")
     if not isinstance(header, dict):
         fail("safetensors header is not a JSON object")
@@ -137,6 +137,8 @@ def read_metadata_json(path: Path, header: Header, key: str, what: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise EdgeYoloError(f"{path}: its {what} is not valid JSON ({exc.msg} at {exc.pos})") from None
+    except RecursionError:
+        raise EdgeYoloError(f"{path}: its {what} is nested too deeply") from None
     if not isinstance(value, dict):
         raise EdgeYoloError(f"{path}: its {what} must be a JSON object")
     return value
