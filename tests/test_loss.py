@@ -102,3 +102,13 @@ def test_works_on_a_ddp_style_wrapper(raw_preds):
     preds, targets, model = raw_preds
     wrapped = torch.nn.DataParallel(model)
     assert torch.equal(_parts(wrapped, preds, targets), _parts(model, preds, targets))
+
+
+def test_gains_scale_with_image_size_and_classes(raw_preds):
+    preds, targets, model = raw_preds
+    full = YoloLoss(model, DEFAULT_HYP, imgsz=640)
+    half = YoloLoss(model, DEFAULT_HYP, imgsz=320)
+    assert half.obj_gain == pytest.approx(full.obj_gain / 4) and half.box_gain == full.box_gain
+    parts_full, parts_half = full(preds, targets)[1], half(preds, targets)[1]
+    assert parts_half[1] == pytest.approx(parts_full[1].item() / 4, rel=1e-6)
+    assert torch.equal(parts_half[[0, 2]], parts_full[[0, 2]])
