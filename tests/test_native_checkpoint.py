@@ -204,6 +204,8 @@ def hostile(saved, tmp_path_factory):
             "huge", {"dtype": "F32", "shape": [25_000, 1_000_000], "data_offsets": [0, 100_000_000_000]})), "GB of tensors"),
         "dtype": (_rewrite(saved, d / "dtype.safetensors", lambda h: h["model.0.conv.weight"].update(dtype="F8_E4M3")),
                   "unsupported dtype"),
+        "int-weights": (_rewrite(saved, d / "int-weights.safetensors", lambda h: h["model.0.conv.weight"].update(
+            dtype="I32")), "the model needs torch.float32"),
         "missing": (_rewrite(saved, d / "missing.safetensors", _drop("model.24.anchors"), data=None), "missing"),
         "extra": (_rewrite(saved, d / "extra.safetensors", lambda h: h.__setitem__(
             "evil.weight", {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]})), "unexpected tensor"),
@@ -217,7 +219,7 @@ def hostile(saved, tmp_path_factory):
     return files
 
 
-CASES = ["bad-json", "100gb", "dtype", "missing", "extra", "layer", "truncated", "pickle"]
+CASES = ["bad-json", "100gb", "dtype", "int-weights", "missing", "extra", "layer", "truncated", "pickle"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -193,6 +193,8 @@ def _resize_to_header(model: Model, header: Header, path: Path) -> None:
         if tuple(wanted[key].shape) != info.shape:
             raise EdgeYoloError(f"{path}: tensor {key!r} has shape {list(info.shape)}, the model needs "
                                 f"{list(wanted[key].shape)}")
+        if DTYPES[info.dtype][0].is_floating_point != wanted[key].is_floating_point():
+            raise EdgeYoloError(f"{path}: tensor {key!r} is {info.dtype}, the model needs {wanted[key].dtype}")
 
 
 def _resized_conv(conv: nn.Conv2d, shape: tuple[int, ...], name: str, path: Path) -> nn.Conv2d:
