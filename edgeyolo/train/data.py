@@ -196,3 +196,23 @@ def make_loader(train_set: TrainSet, batch: int, workers: int, seed: int, rank: 
     return DataLoader(train_set, batch_size=per_rank, shuffle=sampler is None, sampler=sampler, num_workers=workers,
                       collate_fn=collate, worker_init_fn=_seed_worker if workers else None, generator=generator,
                       drop_last=False, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def write_augment_samples(train_set: TrainSet, count: int, folder: Path, names: list[str]) -> list[Path]:
+    """``count`` training samples as the network sees them, boxes drawn, as JPEGs in ``folder``."""
+    from ..runtime.detections import Detections
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k in range(count):
+        image, labels = train_set[k % len(train_set)]
+        bgr = np.ascontiguousarray(image.numpy().transpose(1, 2, 0)[:, :, ::-1])
+        s = train_set.imgsz
+        cls, cx, cy, w, h = labels.numpy().T if len(labels) else (np.zeros((5, 0)))
+        rows = np.stack(((cx - w / 2) * s, (cy - h / 2) * s, (cx + w / 2) * s, (cy + h / 2) * s,
+                         np.ones_like(cls), cls), 1)
+        drawn = Detections.from_rows(rows.astype(np.float32), names, image_hw=(s, s)).draw(bgr)
+        path = folder / f"augment_{k:03d}.jpg"
+        cv2.imwrite(str(path), drawn)
+        written.append(path)
+    return written
