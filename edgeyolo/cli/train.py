@@ -37,11 +37,13 @@ from .common import cli, err
 @click.option("--label-smoothing", type=float, help="Class label smoothing (hyp label_smoothing).")
 @click.option("--iou-loss", type=click.Choice(["giou", "diou", "ciou"]), help="Box loss IoU (hyp iou_type).")
 @click.option("--sync-bn", is_flag=True, help="SyncBatchNorm across processes (distributed runs).")
+@click.option("--nominal-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Gradients accumulate over batches up to this many images per optimiser step.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine (launches torchrun).")
 def train(weights, data, out, epochs, imgsz, batch, lr0, hyp_file, device, workers, resume, seed, freeze, val_data,
           val_split, cfg, optimizer, cos_lr, augment, show_augment, fl_gamma, label_smoothing, iou_loss, sync_bn,
-          nproc):
+          nominal_batch, nproc):
     """Train WEIGHTS on --data into the run folder -o (last/best checkpoints, results.csv/png)."""
     from ..train import distributed as ddp
 
@@ -58,7 +60,7 @@ def train(weights, data, out, epochs, imgsz, batch, lr0, hyp_file, device, worke
     config = TrainConfig(weights=weights, data=data or "", out=out or resume, epochs=epochs, imgsz=imgsz, batch=batch,
                          hyp=hyp, device=device, workers=workers, seed=seed, freeze=freeze, val_data=val_data,
                          val_split=val_split, cfg=cfg, optimizer=optimizer, cos_lr=cos_lr, augment=augment,
-                         sync_bn=sync_bn, command=command_line(sys.argv[1:]))
+                         sync_bn=sync_bn, nominal_batch=nominal_batch, command=command_line(sys.argv[1:]))
     if show_augment:
         return _show_augment(config, show_augment)
     run = Trainer(config, resume=resume).train()

@@ -47,13 +47,13 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, wei
     return optimizer
 
 
-def accumulate_steps(batch: int) -> int:
-    """Batches whose gradients add up before one optimiser step (nominal batch 64)."""
-    return max(round(NOMINAL_BATCH / batch), 1)
+def accumulate_steps(batch: int, nominal: int = NOMINAL_BATCH) -> int:
+    """Batches whose gradients add up before one optimiser step (nominal batch 64 by default)."""
+    return max(round(nominal / batch), 1)
 
 
-def scaled_weight_decay(weight_decay: float, batch: int) -> float:
-    return weight_decay * batch * accumulate_steps(batch) / NOMINAL_BATCH
+def scaled_weight_decay(weight_decay: float, batch: int, nominal: int = NOMINAL_BATCH) -> float:
+    return weight_decay * batch * accumulate_steps(batch, nominal) / nominal
 
 
 def lr_factor(epoch: int, epochs: int, lrf: float, cosine: bool) -> float:

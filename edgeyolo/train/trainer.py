@@ -28,6 +28,7 @@ from .data import TrainSet, data_fingerprint, load_train_data, make_loader, writ
 from .ema import ModelEMA
 from .loss import YoloLoss
 from .optim import (
+    NOMINAL_BATCH,
     accumulate_steps,
     apply_schedule,
     build_optimizer,
@@ -61,6 +62,7 @@ class TrainConfig:
     cos_lr: bool = False
     augment: str = "default"
     sync_bn: bool = False
+    nominal_batch: int = NOMINAL_BATCH
     command: str = ""
 
 
@@ -105,20 +107,20 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def before_train(self) -> None:
+        state = self._read_resume() if self.resume_dir else None
         c = self.config
         self.device = select_device(c.device, self.dist.local_rank)
         ddp.init(self.dist, self.device)
         self._seed(c.seed + self.dist.rank)
-        state = self._read_resume() if self.resume_dir else None
         self.model = self._build_model(state).to(self.device)
         self.data = load_train_data(c.data, c.val_data, c.val_split, c.seed)
         self.names = list(self.model.names)
         augmenter = Augmenter(c.hyp, c.imgsz, c.augment, seed=c.seed + self.dist.rank)
         self.train_set = TrainSet(self.data.train, c.imgsz, augmenter, nc=self.model.detect.nc)
         self.loader = make_loader(self.train_set, c.batch, c.workers, c.seed, self.dist.rank, self.dist.world_size)
-        self.accumulate = accumulate_steps(c.batch)
+        self.accumulate = accumulate_steps(c.batch, c.nominal_batch)
         self.optimizer = build_optimizer(self.model, c.optimizer, c.hyp["lr0"], c.hyp["momentum"],
-                                         scaled_weight_decay(c.hyp["weight_decay"], c.batch))
+                                         scaled_weight_decay(c.hyp["weight_decay"], c.batch, c.nominal_batch))
         self.ema = ModelEMA(self.model) if self.dist.is_main else None
         if state is not None:
             state.apply(self.model, ema=self.ema.ema if self.ema else None, optimizer=self.optimizer)
@@ -154,7 +156,7 @@ class Trainer:
     def train_iteration(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         c, ni = self.config, self.iteration
         if ni < self.warmup_iters:  # accumulate ramps from 1 to nominal/batch during warm-up (as upstream)
-            self.accumulate = max(1, round(float(np.interp(ni, [0, self.warmup_iters], [1, 64 / c.batch]))))
+            self.accumulate = max(1, round(float(np.interp(ni, [0, self.warmup_iters], [1, c.nominal_batch / c.batch]))))
         apply_schedule(self.optimizer, c.hyp, self.epoch, c.epochs, ni, self.warmup_iters, c.cos_lr)
         images = images.to(self.device, non_blocking=True).float() / 255
         with torch.autocast(self.device.type, enabled=self.amp):
