@@ -341,8 +341,8 @@ def test_two_process_gloo_run_gives_a_checkpoint_every_command_accepts(yolov5n_p
     result = CliRunner().invoke(cli, ["eval", str(run / "best.safetensors"), "--data", str(tiny_set), "--limit", "2",
                                       "--json"])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(cli, ["build", str(run / "last.safetensors"), "cpu-fp32", "-o", str(tmp_path / "b"),
-                                      "--imgsz", "128"])
+    result = CliRunner().invoke(cli, ["build", str(run / "last.safetensors"), "--target", "cpu-fp32",
+                                      "-o", str(tmp_path / "b"), "--imgsz", "128"])
     assert result.exit_code == 0, result.output
 
 
@@ -353,8 +353,8 @@ def test_two_process_gloo_run_gives_a_checkpoint_every_command_accepts(yolov5n_p
 def test_trained_checkpoint_builds_int8_bundles_that_evaluate(tiny_run, coco128, tiny_set, tmp_path, target):
     pytest.importorskip("openvino" if target.startswith("intel") else "onnx2tf")
     out = tmp_path / target
-    result = CliRunner().invoke(cli, ["build", str(tiny_run / "best.safetensors"), target, "-o", str(out), "--imgsz",
-                                      str(TINY), "--calib", str(coco128 / "images"), "--calib-size", "8"])
+    result = CliRunner().invoke(cli, ["build", str(tiny_run / "best.safetensors"), "--target", target, "-o", str(out),
+                                      "--imgsz", str(TINY), "--calib", str(coco128 / "images"), "--calib-size", "8"])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(cli, ["eval", str(out), "--data", str(tiny_set), "--json"])
     assert result.exit_code == 0, result.output

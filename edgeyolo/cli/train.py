@@ -32,7 +32,7 @@ from .common import cli, err
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--cos-lr", is_flag=True, help="Cosine LR schedule (default linear).")
 @click.option("--augment", type=click.Choice(["default", "none"]), default="default", show_default=True)
-@click.option("--show-augment", type=click.IntRange(min=1), help="Write N augmented samples to RUN_DIR/augment and exit.")
+@click.option("--show-augment", type=click.IntRange(min=1), help="Write N augmented samples to RUN/augment, exit.")
 @click.option("--fl-gamma", type=float, help="Focal loss gamma (hyp fl_gamma).")
 @click.option("--label-smoothing", type=float, help="Class label smoothing (hyp label_smoothing).")
 @click.option("--iou-loss", type=click.Choice(["giou", "diou", "ciou"]), help="Box loss IoU (hyp iou_type).")

@@ -1,8 +1,9 @@
 """Optimiser and schedule as YOLOv5 runs them: three parameter groups, warm-up, linear or cosine LR.
 
 Groups, in upstream's order: 0 = biases (their own warm-up LR), 1 = conv weights (the only
-group with weight decay), 2 = BatchNorm (and other norm) weights. Weight decay is scaled by ``batch · accumulate / 64`` so a
-smaller batch with gradient accumulation matches the nominal batch of 64.
+group with weight decay), 2 = BatchNorm (and other norm) weights. Weight decay is scaled by
+``batch · accumulate / nominal`` so a smaller batch with gradient accumulation matches the
+nominal batch (64).
 """
 
 from __future__ import annotations

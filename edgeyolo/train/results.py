@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-COLUMNS = ["epoch", "box_loss", "obj_loss", "cls_loss", "lr", "mAP50-95", "mAP50", "epoch_seconds", "train_images_per_s"]
+COLUMNS = ["epoch", "box_loss", "obj_loss", "cls_loss", "lr", "mAP50-95", "mAP50", "epoch_seconds",
+           "train_images_per_s"]
 
 
 def append_row(path: Path, row: dict) -> None:

@@ -108,6 +108,9 @@ class Trainer:
 
     def before_train(self) -> None:
         state = self._read_resume() if self.resume_dir else None
+        if state is None and paths_for(self.run / "last")[0].exists():  # every rank checks: none may hang
+            raise EdgeYoloError(f"{self.run}: already holds a run (continue it with --resume {self.run}, "
+                                "or pick another -o)")
         c = self.config
         self.device = select_device(c.device, self.dist.local_rank)
         ddp.init(self.dist, self.device)
@@ -156,7 +159,8 @@ class Trainer:
     def train_iteration(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         c, ni = self.config, self.iteration
         if ni < self.warmup_iters:  # accumulate ramps from 1 to nominal/batch during warm-up (as upstream)
-            self.accumulate = max(1, round(float(np.interp(ni, [0, self.warmup_iters], [1, c.nominal_batch / c.batch]))))
+            ramp = np.interp(ni, [0, self.warmup_iters], [1, c.nominal_batch / c.batch])
+            self.accumulate = max(1, round(float(ramp)))
         apply_schedule(self.optimizer, c.hyp, self.epoch, c.epochs, ni, self.warmup_iters, c.cos_lr)
         images = images.to(self.device, non_blocking=True).float() / 255
         with torch.autocast(self.device.type, enabled=self.amp):
@@ -279,9 +283,6 @@ class Trainer:
 
     def _open_run_folder(self, resumed: bool) -> None:
         if not resumed:
-            if paths_for(self.run / "last")[0].exists():
-                raise EdgeYoloError(f"{self.run}: already holds a run (continue it with --resume {self.run}, "
-                                    "or pick another -o)")
             self.run.mkdir(parents=True, exist_ok=True)
             (self.run / "results.csv").unlink(missing_ok=True)
         else:
