@@ -75,6 +75,20 @@ def test_batches_have_yolov5_layout(tiny_set):
     assert (targets[:, 2:] >= 0).all() and (targets[:, 2:] <= 1).all()
 
 
+def test_data_yaml_train_and_val_splits(coco128, tmp_path):
+    from edgeyolo.train.data import load_train_data
+
+    root = _link_subset(coco128, tmp_path / "a", 5)
+    _link_subset(coco128, tmp_path / "b", 3, offset=5)
+    (tmp_path / "data.yaml").write_text(f"path: {tmp_path}\ntrain: a/images\nval: b/images\nnames: {{0: person}}\n")
+    data = load_train_data(tmp_path / "data.yaml")
+    assert (len(data.train), len(data.val), data.held_out) == (5, 3, None) and "'val' split" in data.val_source
+    assert data.train.names == ["person"]
+    (tmp_path / "train-only.yaml").write_text(f"path: {root}\ntrain: images\n")
+    data = load_train_data(tmp_path / "train-only.yaml", val_split=0.2)
+    assert (len(data.train), len(data.val)) == (4, 1) and "held-out" in data.val_source
+
+
 def test_augment_none_is_the_eval_letterbox(tiny_set):
     """Augmentation off: exactly the runtime's letterbox, boxes mapped to it."""
     from edgeyolo.datasets import load_dataset
@@ -140,6 +154,8 @@ def test_parameter_groups_and_schedule():
     assert norm["weight_decay"] == 0 and len(norm["params"]) == sum(
         isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert opt.defaults["nesterov"]
+    adamw = build_optimizer(model, "adamw", 0.001, 0.937, 5e-4)
+    assert isinstance(adamw, torch.optim.AdamW) and [g["weight_decay"] for g in adamw.param_groups] == [0, 5e-4, 0]
     hyp = load_hyp()
     apply_schedule(opt, hyp, epoch=0, epochs=10, iteration=0, warmup_iters=100, cosine=False)
     assert biases["lr"] == pytest.approx(0.1) and decayed["lr"] == 0 and decayed["momentum"] == pytest.approx(0.8)
