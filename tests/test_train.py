@@ -213,7 +213,7 @@ def test_ctrl_c_saves_last_and_resume_restores_everything(yolov5n_pt, tiny_set, 
 
     run = tmp_path / "run"
     config = TrainConfig(weights=str(yolov5n_pt), data=str(tiny_set), val_data=str(tiny_set), out=str(run), epochs=2,
-                         imgsz=96, batch=4, hyp=load_hyp(), device="cpu", workers=0, augment="none")
+                         imgsz=64, batch=4, hyp=load_hyp(), device="cpu", workers=0, augment="none")
     original = Trainer.before_epoch
 
     def interrupt_second_epoch(self):
@@ -230,7 +230,7 @@ def test_ctrl_c_saves_last_and_resume_restores_everything(yolov5n_pt, tiny_set, 
 
     resumed = Trainer(TrainConfig(weights=None, data="", out=""), resume=run, show_progress=False)
     resumed.before_train()
-    assert resumed.start_epoch == 1 and resumed.config.epochs == 2 and resumed.config.imgsz == 96
+    assert resumed.start_epoch == 1 and resumed.config.epochs == 2 and resumed.config.imgsz == 64
     assert resumed.ema.updates == saved.ema_updates
     for name, value in saved.checkpoint.model.state_dict().items():
         torch.testing.assert_close(resumed.ema.ema.state_dict()[name], value)
