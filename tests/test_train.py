@@ -357,6 +357,10 @@ def test_two_process_gloo_run_gives_a_checkpoint_every_command_accepts(yolov5n_p
     result = CliRunner().invoke(cli, ["eval", str(run / "best.safetensors"), "--data", str(tiny_set), "--limit", "2",
                                       "--json"])
     assert result.exit_code == 0, result.output
+    bad = subprocess.run([sys.executable, "-m", "edgeyolo.cli", "train", str(yolov5n_pt), "--data", str(tiny_set), "-o",
+                          str(tmp_path / "bad"), "--batch", "64", "--device", "cpu", "--nproc", "2"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "larger than the train set" in bad.stderr and not (tmp_path / "bad").exists()
     result = CliRunner().invoke(cli, ["build", str(run / "last.safetensors"), "--target", "cpu-fp32",
                                       "-o", str(tmp_path / "b"), "--imgsz", "128"])
     assert result.exit_code == 0, result.output

@@ -9,7 +9,6 @@ others wait at barriers. ``edgeyolo train --nproc N`` re-launches the same comma
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -75,15 +74,19 @@ def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device, sync_bn: 
 
 def launch(nproc: int, argv: list[str]) -> int:
     """Run ``python -m edgeyolo.cli <argv>`` as ``nproc`` processes on this machine via torchrun."""
-    from torch.distributed.run import main as torchrun
+    import logging
 
-    args = ["--nproc_per_node", str(nproc), "--standalone", "-m", "edgeyolo.cli", *argv]
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(["--nproc_per_node", str(nproc), "--standalone", "-m", "edgeyolo.cli", *argv])
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # share the cores
     try:
-        torchrun(args)
+        run(args)
+    except ChildFailedError as exc:  # each rank printed its own one-line error; pass on the first exit status
+        codes = [f.exitcode for f in exc.failures.values() if f.exitcode and f.exitcode > 0]
+        return codes[0] if codes else 1
     except SystemExit as exc:
         return int(exc.code or 0)
-    except Exception as exc:  # torchrun raises ChildFailedError naming the failed rank
-        print(f"error: distributed training failed: {str(exc).splitlines()[0] if str(exc) else exc!r}",
-              file=sys.stderr)
-        return 1
     return 0
