@@ -3,7 +3,7 @@
 One module per command group; importing them registers their commands on ``cli``.
 """
 
-from . import deploy, run, train  # noqa: F401  (registers the commands)
+from . import deploy, optimize, run, train  # noqa: F401  (registers the commands)
 from .common import cli
 
 
