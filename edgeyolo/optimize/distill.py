@@ -5,7 +5,7 @@ Two terms, both computed on the same augmented batch the student trains on:
 * **Response distillation** on the head's raw maps, anchor by anchor (teacher and student share
   strides, anchors and classes): objectness and class probabilities against the teacher's,
   softened by a temperature ``T`` (binary KL of sigmoids, × T²); classes weighted by the
-  teacher's objectness; boxes (1 − CIoU of the decoded boxes) only where the teacher is
+  teacher's objectness; boxes (1 − GIoU of the decoded boxes; CIoU is 0/0 for identical boxes) only where the teacher is
   confident, weighted by its objectness.
 * **Feature imitation** (Wang et al., *fine-grained feature imitation*, CVPR 2019) on the
   P3/P4/P5 neck outputs that feed the head: a 1×1 adapter maps each student map to the
@@ -113,7 +113,7 @@ class DistillLoss(nn.Module):
         confident = t_obj > self.w.box_conf
         if confident.any():
             weight = t_obj[confident]
-            iou = bbox_iou(self._boxes(s, level)[confident], self._boxes(t, level)[confident].detach(), "ciou")
+            iou = bbox_iou(self._boxes(s, level)[confident], self._boxes(t, level)[confident].detach(), "giou")
             box = ((1 - iou.squeeze(-1)) * weight).sum() / weight.sum()
         else:
             box = s.sum() * 0
@@ -124,7 +124,7 @@ class DistillLoss(nn.Module):
         p = maps[..., :4].sigmoid()
         xy = p[..., :2] * 2 - 0.5
         wh = (p[..., 2:4] * 2) ** 2 * self.anchors[level].view(1, -1, 1, 1, 2)
-        return torch.cat((xy, wh), -1)
+        return torch.cat((xy, wh.clamp(min=1e-6)), -1)  # a collapsed box has no defined aspect
 
     # ------------------------------------------------------------------ feature imitation
 
