@@ -10,7 +10,12 @@ import torch
 from edgeyolo.errors import EdgeYoloError
 from edgeyolo.model import load_model
 from edgeyolo.optimize.act_swap import swap_activation
-from edgeyolo.optimize.distill import DistillLoss, NeckTap, check_compatible, load_teacher
+from edgeyolo.optimize.distill import (
+    DistillLoss,
+    NeckTap,
+    check_compatible,
+    load_teacher,
+)
 from edgeyolo.optimize.prune import prune
 
 IMGSZ = 128

@@ -107,3 +107,20 @@ def test_prune_cli_writes_a_checkpoint(yolov5n_pt, tmp_path):
     assert model_size(load_model(out).model).params < 1.8e6
     bad = CliRunner().invoke(cli, ["prune", str(yolov5n_pt), "--ratio", "1.5", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "between 0 and 1" in bad.output
+
+
+def test_sparsity_penalty_pulls_bn_scales_towards_zero(yolov5n):
+    from edgeyolo.optimize.sparsity import add_bn_l1_grad, bn_l1
+
+    model = copy.deepcopy(yolov5n)
+    optimizer = torch.optim.SGD([m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d)], lr=1e-3)
+    before = bn_l1(model)
+    for _ in range(3):
+        optimizer.zero_grad()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.grad = torch.zeros_like(m.weight)
+        add_bn_l1_grad(model, 1.0)
+        optimizer.step()
+    assert bn_l1(model) < before - 1e-3 * 3 * 0.9 * sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
