@@ -112,3 +112,17 @@ def test_label_free_cli_on_a_plain_image_folder(yolov5n_pt, sample_images, tmp_p
 
     model = load_model(run / "best.safetensors").model
     assert all(type(m.act).__name__ == "ReLU" for m in model.modules() if isinstance(m, Conv))
+
+
+def test_mismatched_teacher_is_one_line_and_writes_nothing(yolov5n_pt, coco128, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeyolo.cli import cli
+    from edgeyolo.model import build_from_cfg, save_model
+
+    other = save_model(build_from_cfg("yolov5n", nc=3)[0], tmp_path / "three.safetensors")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["distill", "--teacher", str(other), "--student", str(yolov5n_pt),
+                                      "--data", str(coco128), "-o", str(run), "--epochs", "1", "--imgsz", "64"])
+    assert result.exit_code == 2 and "heads differ" in result.output
+    assert not run.exists()

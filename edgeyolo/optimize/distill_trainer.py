@@ -19,7 +19,13 @@ from ..train import trainer as trainer_module
 from ..train.data import TrainData
 from ..train.trainer import Trainer
 from .act_swap import swap_activation
-from .distill import DistillLoss, DistillWeights, NeckTap, load_teacher
+from .distill import (
+    DistillLoss,
+    DistillWeights,
+    NeckTap,
+    check_compatible,
+    load_teacher,
+)
 
 
 class DistillTrainer(Trainer):
@@ -38,9 +44,12 @@ class DistillTrainer(Trainer):
         return model
 
     def before_train(self) -> None:
+        # Teacher and student are checked before the Trainer creates the run folder (nothing half-written).
+        teacher = load_teacher(self.teacher_spec, torch.device("cpu"))
+        check_compatible(teacher, self._build_model(None))
         with _images_only(self.label_free):
             super().before_train()
-        self.teacher = load_teacher(self.teacher_spec, self.device)
+        self.teacher = teacher.to(self.device)
         self.distill = DistillLoss(self.teacher, self.model, self.distill_weights).to(self.device)
         self._add_to_optimizer(self.distill.adapters)
         self.student_tap, self.teacher_tap = NeckTap(self.model), NeckTap(self.teacher)
