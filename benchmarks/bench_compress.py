@@ -117,7 +117,8 @@ def describe(name: str, weights: Path, out: Path) -> dict:
 
 
 def accuracy(bundle: Path, val: str) -> dict:
-    from edgeyolo.evaluate import evaluate, load_dataset
+    from edgeyolo.datasets import load_dataset
+    from edgeyolo.evaluate import evaluate
     from edgeyolo.runtime import load
 
     result = evaluate(load(bundle), load_dataset(val))
