@@ -1,0 +1,119 @@
+"""``edgeyolo prune`` and ``edgeyolo distill``: model → smaller / recovered model (our checkpoint format)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import EdgeYoloError
+from .common import cli, err
+
+ACTS = ["relu", "relu6", "leakyrelu", "hardswish", "silu"]
+
+
+@cli.command()
+@click.argument("weights")
+@click.option("--ratio", type=float, help="Fraction of each layer group's channels to remove (0-1).")
+@click.option("--target-flops", "target_flops", type=float, help="Prune until GFLOPs at 640 are at most this.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Pruned checkpoint.")
+@click.option("--importance", type=click.Choice(["l1", "bn", "taylor"]), default="l1", show_default=True)
+@click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers (default: uniform).")
+@click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Keep channel counts a multiple of this (1 = no rounding).")
+@click.option("--iterative", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Reach the ratio in K steps, fine-tuning on --data between them.")
+@click.option("--data", help="Images with labels: Taylor gradients and recovery between iterative steps.")
+@click.option("--recover-epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--imgsz", type=click.IntRange(min=32), default=320, show_default=True, help="Size for --data use.")
+def prune(weights, ratio, target_flops, out, importance, global_pruning, round_to, iterative, data, recover_epochs,
+          imgsz):
+    """Remove channels from WEIGHTS (structured pruning); prints params and GFLOPs before -> after."""
+    from ..model import load_model, save_model
+    from ..optimize import prune as pruning
+
+    if iterative > 1 and data is None:
+        raise EdgeYoloError("--iterative needs --data to recover between steps")
+    loaded = load_model(weights)
+    model = loaded.model.float()
+    hyp = None
+    loss_fn = recover = None
+    if data is not None:
+        from ..train.hyp import load_hyp
+
+        hyp = load_hyp(None)
+        if importance == "taylor":
+            loss_fn = pruning.taylor_loss_fn(_few_batches(data, imgsz, model), hyp, imgsz)
+        if iterative > 1:
+            recover = _recover_with_trainer(data, imgsz, recover_epochs, Path(out))
+    result = pruning.prune(model, ratio=ratio, target_gflops=target_flops, importance=importance,
+                           global_pruning=global_pruning, round_to=round_to if round_to > 1 else None,
+                           loss_fn=loss_fn, recover=recover, iterative=iterative)
+    path = save_model(result.model, out, meta={"pruned_from": str(weights), "ratio": result.ratio,
+                                               "importance": importance, "global": global_pruning})
+    err.print(f"params {result.before.params / 1e6:.3f} M -> {result.after.params / 1e6:.3f} M, "
+              f"GFLOPs@640 {result.before.gflops:.2f} -> {result.after.gflops:.2f} (ratio {result.ratio:.3f})")
+    err.print(f"pruned model saved to {path}")
+
+
+def _few_batches(data, imgsz, model, count: int = 2, batch: int = 8):
+    from ..train.augment import Augmenter
+    from ..train.data import TrainSet, collate, load_train_data
+    from ..train.hyp import load_hyp
+
+    train = load_train_data(data).train
+    samples = TrainSet(train, imgsz, Augmenter(load_hyp(None), imgsz, "none", seed=0), nc=model.detect.nc)
+    items = [samples[i] for i in range(min(len(samples), count * batch))]
+    return [collate(items[i:i + batch]) for i in range(0, len(items), batch)]
+
+
+def _recover_with_trainer(data, imgsz, epochs, out: Path):
+    """A ``recover(model, step)`` that fine-tunes the model in place with the Trainer."""
+    def recover(model, step):
+        from ..model import load_model, save_model
+        from ..train.hyp import load_hyp
+        from ..train.trainer import TrainConfig, Trainer
+
+        run = out.with_name(f"{out.stem}-recover{step + 1}")
+        start = save_model(model, run.with_suffix(".start.safetensors"))
+        config = TrainConfig(weights=str(start), data=data, out=str(run), epochs=epochs, imgsz=imgsz,
+                             hyp=load_hyp(None), command=f"prune --iterative (recovery step {step + 1})")
+        Trainer(config).train()
+        model.load_state_dict(load_model(run / "best.safetensors").model.state_dict())
+
+    return recover
+
+
+@cli.command()
+@click.option("--teacher", required=True, help="Teacher weights (any checkpoint edgeyolo reads).")
+@click.option("--student", required=True, help="Student weights (e.g. a pruned checkpoint).")
+@click.option("--data", required=True, help="Training images: YOLO folder / data yaml, or any image folder with "
+              "--no-labels.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--no-labels", "label_free", is_flag=True, help="Label-free: the teacher is the only supervision.")
+@click.option("--act", type=click.Choice(ACTS), help="Rebuild the student with this activation first.")
+@click.option("--cfg", help="Student architecture (YOLOv5 yaml or n/s/m/l/x), initialised from --student.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr0", type=float, help="Initial learning rate (default: the hyp default).")
+@click.option("--val-data", help="Labelled set for best selection (default: held out of --data; none label-free).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--temperature", type=float, default=2.0, show_default=True)
+@click.option("--feature-gain", type=float, default=0.02, show_default=True, help="Weight of feature imitation.")
+def distill(teacher, student, data, out, label_free, act, cfg, epochs, imgsz, batch, lr0, val_data, device, workers,
+            temperature, feature_gain):
+    """Train --student from --teacher (response + masked feature imitation), with or without labels."""
+    from ..optimize.distill import DistillWeights
+    from ..optimize.distill_trainer import DistillTrainer
+    from ..train.hyp import load_hyp
+    from ..train.trainer import TrainConfig, command_line
+
+    config = TrainConfig(weights=student, data=data, out=out, epochs=epochs, imgsz=imgsz, batch=batch,
+                         hyp=load_hyp(None, {"lr0": lr0}), device=device, workers=workers, val_data=val_data,
+                         cfg=cfg, command=command_line(sys.argv[1:]))
+    weights = DistillWeights(temperature=temperature, feature=feature_gain)
+    run = DistillTrainer(config, teacher, label_free=label_free, act=act, weights=weights).train()
+    err.print(f"run saved to {run} (best.safetensors, last.safetensors)")
