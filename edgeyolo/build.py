@@ -7,6 +7,7 @@ and this module only strings them together and writes the manifest.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,10 @@ from .export import INPUT_NAME, OUTPUT_NAME, ExportOptions, check_imgsz, export_
 from .log import log
 from .model import load_model, resolve_weights
 from .runtime.preprocess import LetterboxSettings
+from .swap import clean_stale_temp
 from .targets import Target, load_target
+
+EXPORT_PREFIX = "edgeyolo-export-"
 
 
 @dataclass
@@ -51,7 +55,8 @@ def build_bundle(weights, target: str | Path | Target, out: str | Path, options:
                                    dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape)
     letterbox = LetterboxSettings(imgsz=imgsz, auto=dynamic_shape, stride=stride)
 
-    with tempfile.TemporaryDirectory(prefix="edgeyolo-export-") as work, BundleWriter(out) as writer:
+    clean_stale_temp(EXPORT_PREFIX)  # what builds killed with SIGKILL left in the temp folder
+    with tempfile.TemporaryDirectory(prefix=f"{EXPORT_PREFIX}{os.getpid()}-") as work, BundleWriter(out) as writer:
         onnx_path = export_onnx(model, Path(work) / "model.onnx", export_options)
         log.info("exported %s at %dx%d (%s head)", weights_path.name, imgsz[0], imgsz[1], target.head)
         result = backend.build(onnx_path, target, writer.tmp, calibration)
@@ -112,6 +117,8 @@ def cached_reference_bundle(weights, target: str = "cpu-fp32") -> Bundle:
     """A bundle for ``weights`` built once into the cache (so ``detect yolov5n.pt`` just works)."""
     from .model.weights import cache_dir
 
+    if Path(str(weights)).is_dir():
+        raise EdgeYoloError(f"{weights}: a folder that is not a bundle (no manifest.json) and not a weights file")
     weights_path = resolve_weights(weights)
     digest = sha256_file(weights_path)[:16]
     out = cache_dir() / "bundles" / f"{weights_path.stem}-{digest}-{target}"
