@@ -24,6 +24,8 @@ from .swap import clean_stale_temp
 from .targets import Target, load_target
 
 EXPORT_PREFIX = "edgeyolo-export-"
+# temp work folders named "<prefix><pid>-*" by the build's steps (export, Q/DQ quantisation, TFLite conversion)
+WORK_PREFIXES = (EXPORT_PREFIX, "edgeyolo-quantize-", "edgeyolo-tflite-")
 
 
 @dataclass
@@ -55,7 +57,8 @@ def build_bundle(weights, target: str | Path | Target, out: str | Path, options:
                                    dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape)
     letterbox = LetterboxSettings(imgsz=imgsz, auto=dynamic_shape, stride=stride)
 
-    clean_stale_temp(EXPORT_PREFIX)  # what builds killed with SIGKILL left in the temp folder
+    for prefix in WORK_PREFIXES:  # what builds killed with SIGKILL left in the temp folder
+        clean_stale_temp(prefix)
     with tempfile.TemporaryDirectory(prefix=f"{EXPORT_PREFIX}{os.getpid()}-") as work, BundleWriter(out) as writer:
         onnx_path = export_onnx(model, Path(work) / "model.onnx", export_options)
         log.info("exported %s at %dx%d (%s head)", weights_path.name, imgsz[0], imgsz[1], target.head)
