@@ -40,7 +40,7 @@ class Fields:
         return self.data[key]
 
     def string(self, key: str, default: str | None = None, required: bool = False, choices=None,
-               pattern: re.Pattern | None = None, max_len: int = 4096) -> str:
+               pattern: re.Pattern | None = None, max_len: int = 4096, hint: str = "") -> str:
         value = self.raw(key, default, required)
         if not isinstance(value, str):
             self.fail(key, f"must be a string, not {type_name(value)}")
@@ -49,7 +49,7 @@ class Fields:
         if choices is not None and value not in choices:
             self.fail(key, f"must be one of {', '.join(map(str, choices))}, not {value!r}")
         if pattern is not None and not pattern.match(value):
-            self.fail(key, f"{value!r} is not allowed here")
+            self.fail(key, f"{value!r} is not allowed here{f' ({hint})' if hint else ''}")
         return value
 
     def integer(self, key: str, default: int | None = None, required: bool = False, lo: int | None = None,

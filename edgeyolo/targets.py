@@ -120,7 +120,8 @@ def read_target(path: Path) -> Target:
     calibration.integer("float_from_stride", default=32, lo=0, hi=1024)
     runtime = top.table("runtime")
     target = Target(
-        name=top.string("name", default=path.stem, pattern=TARGET_NAME),
+        name=top.string("name", default=path.stem, pattern=TARGET_NAME,
+                        hint="it names output folders: letters, digits, '.', '_', '-', no '/'"),
         backend=backend,
         precision=top.string("precision", required=True, choices=PRECISIONS),
         description=top.string("description", default="", max_len=500),
