@@ -41,13 +41,15 @@ class Dataset:
 
     def check_classes(self, nc: int) -> None:
         """Every label's class must exist in the model (a class 500 in an 80-class set would silently lower mAP)."""
-        if self.names is not None and len(self.names) != nc:
-            raise EdgeYoloError(f"{self.root}: the dataset names {len(self.names)} classes, the model {nc}")
+        limits = [(nc, f"a model with {nc} classes")]
+        if self.names is not None:
+            limits.append((len(self.names), f"the {len(self.names)} class names of {self.root}"))
         for sample in self.samples:
-            if sample.classes.size and int(sample.classes.max()) >= nc:
-                where = _label_path(sample.image) if sample.boxes is None else sample.image
-                raise EdgeYoloError(f"{where}: class {int(sample.classes.max())} is out of range for a model "
-                                    f"with {nc} classes (0..{nc - 1})")
+            top = int(sample.classes.max()) if sample.classes.size else -1
+            for limit, what in limits:
+                if top >= limit:
+                    where = _label_path(sample.image) if sample.boxes is None else sample.image
+                    raise EdgeYoloError(f"{where}: class {top} is out of range for {what} (0..{limit - 1})")
 
 
 def load_dataset(spec: str | Path) -> Dataset:
@@ -195,7 +197,9 @@ def _coco_json(path: Path) -> Dataset:
         bbox = ann["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4:
             raise EdgeYoloError(f"{path}: annotation {ann.get('id', '?')}: bbox must be [x, y, w, h]")
-        x, y, w, h = (check_number(v, f"{path}: annotation {ann.get('id', '?')} bbox", lo=0) for v in bbox)
+        what = f"{path}: annotation {ann.get('id', '?')} bbox"
+        x, y = (check_number(v, what) for v in bbox[:2])
+        w, h = (check_number(v, what, lo=0) for v in bbox[2:])
         per_image[ann["image_id"]][0].append([x, y, x + w, y + h])
         per_image[ann["image_id"]][1].append(index[ann["category_id"]])
     folder = path.parent / "images" if (path.parent / "images").is_dir() else path.parent

@@ -277,9 +277,10 @@ def test_malformed_data_yaml(one_image_set, text, pattern):
         load_dataset(one_image_set / "data.yaml")
 
 
-def test_data_yaml_names_must_match_the_model(one_image_set):
+def test_label_class_beyond_the_data_yaml_names(one_image_set):
+    (one_image_set / "labels" / "bus.txt").write_text("5 0.5 0.5 0.2 0.2\n")
     (one_image_set / "data.yaml").write_text("val: images\nnames: [a, b]\n")
-    with pytest.raises(EdgeYoloError, match="names 2 classes, the model 80"):
+    with pytest.raises(EdgeYoloError, match="class 5 is out of range for the 2 class names"):
         load_dataset(one_image_set / "data.yaml").check_classes(80)
 
 
@@ -291,6 +292,7 @@ COCO = {"images": [{"id": 1, "file_name": "bus.jpg"}], "categories": [{"id": 1, 
     (lambda d: d["annotations"][0].__setitem__("category_id", 99), "category_id 99, which is not in its categories"),
     (lambda d: d["annotations"][0].__setitem__("bbox", [1, 2]), "bbox must be"),
     (lambda d: d["annotations"][0].__setitem__("bbox", [1, 2, "w", 4]), "bbox must be a finite number"),
+    (lambda d: d["annotations"][0].__setitem__("bbox", [1, 2, -3, 4]), "bbox must be at least 0"),
     (lambda d: d.__setitem__("annotations", {"a": 1}), "'annotations' must be a list"),
     (lambda d: d.__setitem__("images", [{"id": 1}]), "'images' must be a list of objects with id, file_name"),
     (lambda d: d.__setitem__("categories", "person"), "'categories' must be a list"),
