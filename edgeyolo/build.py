@@ -7,6 +7,7 @@ and this module only strings them together and writes the manifest.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,12 @@ from .model import load_model, resolve_weights
 from .progress import note, step
 from .portable import compile_portable  # noqa: F401 - its home before the device needed it torch-free
 from .runtime.preprocess import LetterboxSettings
+from .swap import clean_stale_temp
 from .targets import Target, load_target
+
+EXPORT_PREFIX = "edgeyolo-export-"
+# temp work folders named "<prefix><pid>-*" by the build's steps (export, Q/DQ quantisation, TFLite conversion)
+WORK_PREFIXES = (EXPORT_PREFIX, "edgeyolo-quantize-", "edgeyolo-tflite-")
 
 
 @dataclass
@@ -53,7 +59,9 @@ def build_bundle(weights, target: str | Path | Target, out: str | Path, options:
                                    dynamic_batch=dynamic_batch, dynamic_shape=dynamic_shape)
     letterbox = LetterboxSettings(imgsz=imgsz, auto=dynamic_shape, stride=stride)
 
-    with tempfile.TemporaryDirectory(prefix="edgeyolo-export-") as work, BundleWriter(out) as writer:
+    for prefix in WORK_PREFIXES:  # what builds killed with SIGKILL left in the temp folder
+        clean_stale_temp(prefix)
+    with tempfile.TemporaryDirectory(prefix=f"{EXPORT_PREFIX}{os.getpid()}-") as work, BundleWriter(out) as writer:
         with step(f"exporting {weights_path.name} to ONNX at {imgsz[0]}x{imgsz[1]} ({target.head} head)"):
             onnx_path = export_onnx(model, Path(work) / "model.onnx", export_options)
         with step(f"building the {target.backend} engine for {target.name}"):
@@ -96,6 +104,8 @@ def cached_reference_bundle(weights, target: str = "cpu-fp32") -> Bundle:
     """A bundle for ``weights`` built once into the cache (so ``detect yolov5n.pt`` just works)."""
     from .model.weights import cache_dir
 
+    if Path(str(weights)).is_dir():
+        raise EdgeYoloError(f"{weights}: a folder that is not a bundle (no manifest.json) and not a weights file")
     weights_path = resolve_weights(weights)
     digest = sha256_file(weights_path)[:16]
     out = cache_dir() / "bundles" / f"{weights_path.stem}-{digest}-{target}"

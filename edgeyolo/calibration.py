@@ -172,13 +172,29 @@ def fetch_named_set(name: str) -> Path:
     tmp = root / f".{name}.unpacking"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(tmp)
-    except zipfile.BadZipFile:
-        raise EdgeYoloError(f"{archive}: not a valid zip archive; delete it and try again") from None
-    _check_named_set(tmp, spec)
-    tmp.rename(folder)
+        _unpack(archive, tmp)
+        _check_named_set(tmp, spec)
+        tmp.rename(folder)
+    finally:  # a failed unpack or check leaves no half-unpacked folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+MAX_ARCHIVE_BYTES = 4 << 30  # unpacked
+MAX_ARCHIVE_MEMBERS = 100_000
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    """Extract a zip after checking its declared sizes (no zip bomb); zipfile keeps names inside ``dest``."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            if len(members) > MAX_ARCHIVE_MEMBERS or sum(m.file_size for m in members) > MAX_ARCHIVE_BYTES:
+                raise EdgeYoloError(f"{archive}: unpacks to more than {MAX_ARCHIVE_BYTES >> 30} GB or "
+                                    f"{MAX_ARCHIVE_MEMBERS} files; refusing it")
+            zf.extractall(dest)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
+        raise EdgeYoloError(f"{archive}: not a valid zip archive ({exc}); delete it and try again") from None
 
 
 def _check_named_set(folder: Path, spec: dict) -> None:

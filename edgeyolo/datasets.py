@@ -11,6 +11,10 @@ import numpy as np
 from ._optional import require
 from .errors import EdgeYoloError
 from .runtime.images import IMAGE_SUFFIXES
+from .schema import Fields, check_int, check_number
+
+MAX_LABEL_BYTES = 16 << 20
+MAX_YAML_BYTES = 1 << 20
 
 
 @dataclass
@@ -35,6 +39,18 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def check_classes(self, nc: int) -> None:
+        """Every label's class must exist in the model (a class 500 in an 80-class set would silently lower mAP)."""
+        limits = [(nc, f"a model with {nc} classes")]
+        if self.names is not None:
+            limits.append((len(self.names), f"the {len(self.names)} class names of {self.root}"))
+        for sample in self.samples:
+            top = int(sample.classes.max()) if sample.classes.size else -1
+            for limit, what in limits:
+                if top >= limit:
+                    where = _label_path(sample.image) if sample.boxes is None else sample.image
+                    raise EdgeYoloError(f"{where}: class {top} is out of range for {what} (0..{limit - 1})")
 
 
 def load_dataset(spec: str | Path) -> Dataset:
@@ -83,8 +99,16 @@ def _label_path(image: Path) -> Path:
 
 def read_yolo_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``class cx cy w h`` lines (normalised); a malformed line is an error naming file and line."""
+    if path.stat().st_size > MAX_LABEL_BYTES:
+        raise EdgeYoloError(f"{path}: larger than {MAX_LABEL_BYTES >> 20} MB; not a label file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise EdgeYoloError(f"{path}: not a text label file") from None
+    if "\x00" in text:
+        raise EdgeYoloError(f"{path}: not a text label file")
     boxes, classes = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -105,24 +129,41 @@ def read_yolo_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _data_yaml(path: Path) -> Dataset:
     yaml = require("yaml", extra="eval", purpose="reading a data yaml")
 
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise EdgeYoloError(f"{path}: larger than {MAX_YAML_BYTES >> 20} MB; not a data yaml")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EdgeYoloError(f"{path}: not valid YAML ({exc})") from None
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise EdgeYoloError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise EdgeYoloError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict) or "val" not in data:
         raise EdgeYoloError(f"{path}: a data yaml needs a 'val' entry")
-    base = Path(data.get("path") or path.parent)
+    fields = Fields(data, str(path))
+    base = Path(fields.string("path", default="") or path.parent)
     if not base.is_absolute():
         base = path.parent / base
-    val = base / data["val"]
-    names = data.get("names")
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names)]
+    val = base / fields.string("val", required=True)
+    names = _yaml_names(data.get("names"), path)
     if val.is_file() and val.suffix == ".txt":
         raise EdgeYoloError(f"{val}: image-list splits are not supported; point 'val' at an images folder")
     dataset = _yolo_folder(val, names)
     dataset.root = str(path)
     return dataset
+
+
+def _yaml_names(names, path: Path) -> list[str] | None:
+    """``names`` as a list or an {index: name} mapping of strings, or absent."""
+    if names is None:
+        return None
+    if isinstance(names, dict):
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in names) or \
+                sorted(names) != list(range(len(names))):
+            raise EdgeYoloError(f"{path}: names must map the indices 0..N-1 to class names")
+        names = [names[k] for k in sorted(names)]
+    if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
+        raise EdgeYoloError(f"{path}: names must be a list of class names")
+    return [str(n) for n in names]
 
 
 def _coco_json(path: Path) -> Dataset:
@@ -131,17 +172,35 @@ def _coco_json(path: Path) -> Dataset:
     Category ids are mapped to contiguous class indices in id order (COCO's 80 classes → 0..79).
     """
     try:
-        data = json.loads(path.read_text())
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        images = data["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise EdgeYoloError(f"{path}: not a COCO instances json ({exc})") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise EdgeYoloError(f"{path}: not a COCO instances json ({str(exc)[:200]})") from None
+    top = Fields(data, str(path))
+    categories = _coco_list(top, "categories", ("id", "name"))
+    images = _coco_list(top, "images", ("id", "file_name"))
+    for c in categories:
+        check_int(c["id"], f"{path}: categories id")
+        if not isinstance(c["name"], str):
+            raise EdgeYoloError(f"{path}: category {c['id']} has no name string")
+    categories = sorted(categories, key=lambda c: c["id"])
     index = {c["id"]: i for i, c in enumerate(categories)}
-    per_image: dict = {img["id"]: ([], []) for img in images}
-    for ann in data.get("annotations", []):
+    per_image: dict = {}
+    for img in images:
+        if not isinstance(img["file_name"], str) or not isinstance(img["id"], (int, str)) or img["id"] in per_image:
+            raise EdgeYoloError(f"{path}: image {img['id']!r}: needs a unique id and a file_name string")
+        per_image[img["id"]] = ([], [])
+    for ann in _coco_list(top, "annotations", ("image_id", "category_id", "bbox"), required=False):
         if ann.get("iscrowd", 0) or ann["image_id"] not in per_image:
             continue
-        x, y, w, h = ann["bbox"]
+        if ann["category_id"] not in index:
+            raise EdgeYoloError(f"{path}: annotation {ann.get('id', '?')} has category_id {ann['category_id']!r}, "
+                                "which is not in its categories")
+        bbox = ann["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4:
+            raise EdgeYoloError(f"{path}: annotation {ann.get('id', '?')}: bbox must be [x, y, w, h]")
+        what = f"{path}: annotation {ann.get('id', '?')} bbox"
+        x, y = (check_number(v, what) for v in bbox[:2])
+        w, h = (check_number(v, what, lo=0) for v in bbox[2:])
         per_image[ann["image_id"]][0].append([x, y, x + w, y + h])
         per_image[ann["image_id"]][1].append(index[ann["category_id"]])
     folder = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
@@ -153,3 +212,12 @@ def _coco_json(path: Path) -> Dataset:
     if not samples:
         raise EdgeYoloError(f"{path}: lists no images")
     return Dataset(root=str(path), samples=samples, names=[c["name"] for c in categories])
+
+
+def _coco_list(top: Fields, key: str, needs: tuple, required: bool = True) -> list:
+    """A COCO json's list of objects, each with the keys ``needs``."""
+    items = top.raw(key, [], required=required)
+    if not isinstance(items, list) or not all(isinstance(i, dict) and all(k in i for k in needs) for i in items):
+        raise EdgeYoloError(f"{top.where}: not a COCO instances json ('{key}' must be a list of objects "
+                            f"with {', '.join(needs)})")
+    return items

@@ -26,6 +26,7 @@ import contextlib
 import io
 import itertools
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
     op_types = sorted({n.op_type for n in model.graph.node} - {"Constant"})
     calibration.method = settings.describe()
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
-    with tempfile.TemporaryDirectory(prefix="edgeyolo-quantize-") as work, _quiet_quantizer():
+    with tempfile.TemporaryDirectory(prefix=f"edgeyolo-quantize-{os.getpid()}-") as work, _quiet_quantizer():
         input_name = model.graph.input[0].name
         ranges = calibrate(q, src, Path(work), calibration, input_name, settings, op_types)
         # the input is letterboxed pixels / 255: its range is known, not estimated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import EdgeYoloError
+from .schema import Fields, int_list
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -79,34 +81,88 @@ def load_target(spec: str | Path) -> Target:
     return read_target(candidate)
 
 
+TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # used as a folder name: no "/", no ".."
+HEADS = ("decoded", "sigmoid")
+MIN_OPSET, MAX_OPSET = 11, 20  # YOLOv5 needs Resize (11); torch's TorchScript exporter stops at 20
+MAX_SIDE, MAX_BATCH = 4096, 64
+MAX_TARGET_BYTES = 1 << 20
+TOP_LEVEL = ("name", "description", "backend", "precision", "imgsz", "batch", "dynamic_batch", "dynamic_shape",
+             "head", "opset", "calibration", "runtime")
+CALIBRATION_KEYS = ("seed", "size", "method", "percentile", "float_from_stride")
+GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+
+
 def read_target(path: Path) -> Target:
+    """A target file, checked against its schema (types, ranges, known keys) before anything uses it."""
+    from .backends import BACKENDS
+
+    where = str(path)
+    if path.stat().st_size > MAX_TARGET_BYTES:
+        raise EdgeYoloError(f"{where}: larger than {MAX_TARGET_BYTES >> 20} MB; not a target file")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise EdgeYoloError(f"{path}: not valid TOML ({exc})") from None
-    try:
-        imgsz = data.get("imgsz", 640)
-        imgsz = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
-        target = Target(
-            name=str(data.get("name", path.stem)),
-            backend=str(data["backend"]),
-            precision=str(data["precision"]),
-            description=str(data.get("description", "")),
-            imgsz=tuple(int(x) for x in imgsz),
-            batch=int(data.get("batch", 1)),
-            dynamic_batch=bool(data.get("dynamic_batch", False)),
-            dynamic_shape=bool(data.get("dynamic_shape", False)),
-            head=str(data.get("head", "decoded")),
-            opset=int(data.get("opset", 17)),
-            calibration=dict(data.get("calibration", {})),
-            backend_options=dict(data.get(data["backend"], {})),
-            runtime=dict(data.get("runtime", {})),
-            path=str(path),
-        )
-    except KeyError as exc:
-        raise EdgeYoloError(f"{path}: target file lacks the required key {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise EdgeYoloError(f"{path}: malformed target file ({exc})") from None
-    if target.precision not in PRECISIONS:
-        raise EdgeYoloError(f"{path}: precision must be one of {', '.join(PRECISIONS)}, not {target.precision!r}")
+        raise EdgeYoloError(f"{where}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise EdgeYoloError(f"{where}: not valid TOML (nested too deeply)") from None
+    top = Fields(data, where)
+    backend = top.string("backend", required=True, choices=tuple(BACKENDS))
+    top.only(TOP_LEVEL + (backend,))
+    imgsz = top.raw("imgsz", 640)
+    imgsz = [imgsz, imgsz] if not isinstance(imgsz, list) else imgsz
+    int_list(imgsz, f"{where}: imgsz", length=2, lo=32, hi=MAX_SIDE)
+    calibration = top.table("calibration")
+    calibration.only(CALIBRATION_KEYS)
+    calibration.integer("seed", default=0, lo=0)
+    calibration.integer("size", default=1, lo=1, hi=100_000)
+    calibration.string("method", default="mean-minmax", max_len=64)
+    calibration.number("percentile", default=99.99, lo=0, hi=100)
+    calibration.integer("float_from_stride", default=32, lo=0, hi=1024)
+    runtime = top.table("runtime")
+    target = Target(
+        name=top.string("name", default=path.stem, pattern=TARGET_NAME,
+                        hint="it names output folders: letters, digits, '.', '_', '-', no '/'"),
+        backend=backend,
+        precision=top.string("precision", required=True, choices=PRECISIONS),
+        description=top.string("description", default="", max_len=500),
+        imgsz=(imgsz[0], imgsz[1]),
+        batch=top.integer("batch", default=1, lo=1, hi=MAX_BATCH),
+        dynamic_batch=top.boolean("dynamic_batch", default=False),
+        dynamic_shape=top.boolean("dynamic_shape", default=False),
+        head=top.string("head", default="decoded", choices=HEADS),
+        opset=top.integer("opset", default=17, lo=MIN_OPSET, hi=MAX_OPSET),
+        calibration=dict(calibration.data),
+        backend_options=check_backend_options(top.table(backend), backend),
+        runtime=dict(runtime.data),
+        path=where,
+    )
     return target
+
+
+def check_backend_options(options: Fields, backend: str) -> dict:
+    """The ``[backend]`` table: known options of the right type only, so ``detect`` never trips on one later."""
+    if backend == "tensorrt":
+        from .backends.trt.options import TrtOptions
+
+        TrtOptions.from_options(options.data)
+        return dict(options.data)
+    if backend == "onnxruntime":
+        options.only(("intra_op_threads", "graph_optimization"))
+        options.integer("intra_op_threads", default=0, lo=0, hi=1024)
+        options.string("graph_optimization", default="all", choices=GRAPH_OPTIMIZATIONS)
+    elif backend == "openvino":
+        from .backends.openvino import HINTS, PRESETS, RANGES
+
+        options.only(("preset", "activations_range", "fast_bias_correction", "performance_hint", "threads",
+                      "inference_precision"))
+        options.string("preset", default="mixed", choices=PRESETS)
+        options.string("activations_range", default="histogram", choices=RANGES)
+        options.boolean("fast_bias_correction", default=True)
+        options.string("performance_hint", default="LATENCY", choices=HINTS)
+        options.integer("threads", default=0, lo=0, hi=1024)
+        options.string("inference_precision", default="f32", choices=("f32", "bf16", "f16"))
+    elif backend == "tflite":
+        options.only(("threads", "io_dtype"))
+        options.integer("threads", default=0, lo=0, hi=1024)
+        options.string("io_dtype", default="int8", choices=("int8", "float32"))
+    return dict(options.data)

@@ -103,3 +103,36 @@ def cpu_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "cpu-int8"
     build_bundle(yolov5n_pt, "cpu-int8", out, calibration=coco128_calibration)
     return out
+
+
+# Bundles of the other CPU backends, built once per session and shared by every module that uses them
+# (the backend's own tests and the thread-safety tests).
+@pytest.fixture(scope="session")
+def ov_fp32_bundle(yolov5n_pt, tmp_path_factory) -> Path:
+    from edgeyolo.build import build_bundle
+
+    out = tmp_path_factory.mktemp("ov") / "intel-cpu-fp32"
+    return build_bundle(yolov5n_pt, "intel-cpu-fp32", out).path
+
+
+@pytest.fixture(scope="session")
+def ov_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
+    from edgeyolo.build import build_bundle
+
+    out = tmp_path_factory.mktemp("ov") / "intel-cpu-int8"
+    return build_bundle(yolov5n_pt, "intel-cpu-int8", out, calibration=coco128_calibration).path
+
+
+@pytest.fixture(scope="session")
+def arm_fp32_bundle(yolov5n_pt, tmp_path_factory) -> Path:
+    from edgeyolo.build import build_bundle
+
+    return build_bundle(yolov5n_pt, "arm-fp32", tmp_path_factory.mktemp("tflite") / "arm-fp32").path
+
+
+@pytest.fixture(scope="session")
+def arm_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
+    from edgeyolo.build import build_bundle
+
+    out = tmp_path_factory.mktemp("tflite") / "arm-int8"
+    return build_bundle(yolov5n_pt, "arm-int8", out, calibration=coco128_calibration).path

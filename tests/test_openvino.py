@@ -24,18 +24,6 @@ from detection_match import iou
 INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.9, 0.1
 
 
-@pytest.fixture(scope="session")
-def ov_fp32_bundle(yolov5n_pt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ov") / "intel-cpu-fp32"
-    return build_bundle(yolov5n_pt, "intel-cpu-fp32", out).path
-
-
-@pytest.fixture(scope="session")
-def ov_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ov") / "intel-cpu-int8"
-    return build_bundle(yolov5n_pt, "intel-cpu-int8", out, calibration=coco128_calibration).path
-
-
 def unmatched(reference, candidate, min_iou: float, score_tol: float, min_score: float = 0.0) -> list:
     """Reference detections (score >= min_score) with no same-class candidate at min_iou and score_tol."""
     missing = []

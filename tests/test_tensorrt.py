@@ -34,7 +34,7 @@ from edgeyolo.backends.trt.options import (
     parse_version,
     workspace_bytes,
 )
-from edgeyolo.bundle import load_bundle
+from edgeyolo.bundle import Bundle, load_bundle
 from edgeyolo.errors import EdgeYoloError
 
 MIB = 1 << 20
@@ -947,5 +947,5 @@ def _portable_copy(yolov5n_pt, tmp_path) -> Path:
     manifest = json.loads((bundle.path / "manifest.json").read_text())
     manifest["backend"]["files"].pop("engine")
     manifest["checksums"] = {k: v for k, v in manifest["checksums"].items() if not k.startswith("engines/")}
-    (bundle.path / "manifest.json").write_text(json.dumps(manifest))
+    Bundle(path=bundle.path, manifest=manifest).update_manifest()  # re-sealed: the manifest carries its digest
     return bundle.path

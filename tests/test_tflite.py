@@ -31,17 +31,6 @@ INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.9, 0.1
 INT8_MAX_DROP = 1.0
 
 
-@pytest.fixture(scope="session")
-def arm_fp32_bundle(yolov5n_pt, tmp_path_factory):
-    return build_bundle(yolov5n_pt, "arm-fp32", tmp_path_factory.mktemp("tflite") / "arm-fp32").path
-
-
-@pytest.fixture(scope="session")
-def arm_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tflite") / "arm-int8"
-    return build_bundle(yolov5n_pt, "arm-int8", out, calibration=coco128_calibration).path
-
-
 def unmatched(reference, candidate, min_iou: float, score_tol: float, min_score: float = 0.0) -> list:
     """Reference detections (score >= min_score) with no same-class candidate at min_iou and score_tol."""
     missing = []

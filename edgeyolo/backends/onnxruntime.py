@@ -49,7 +49,10 @@ def session_options(threads: int = 0, graph_optimization: str = "all"):
 
 
 class Engine:
-    """An ``InferenceSession`` over the bundle's ONNX file (any ONNX the bundle names as ``onnx``)."""
+    """An ``InferenceSession`` over the bundle's ONNX file (any ONNX the bundle names as ``onnx``).
+
+    Safe from several threads without a lock: ``InferenceSession.run`` is thread-safe in ONNX Runtime.
+    """
 
     def __init__(self, bundle, threads: int | None = None, providers: list[str] | None = None, **_):
         ort = require("onnxruntime", NAME)

@@ -12,6 +12,7 @@ The bundle holds an OpenVINO IR (``model.xml`` + ``model.bin``). Target options 
 from __future__ import annotations
 
 import os
+import queue
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,12 @@ def compile_properties(options: dict, threads: int, performance_hint: str) -> di
 
 
 class Engine:
-    """The bundle's IR compiled for the CPU; one infer request reused for every call."""
+    """The bundle's IR compiled for the CPU, safe to call from several threads.
+
+    An infer request holds its own input and output tensors, so one shared request would mix
+    up concurrent calls. Each call borrows a request from a pool (made on first need, so there
+    are as many as threads ever ran at once) and returns it; one thread reuses one request.
+    """
 
     def __init__(self, bundle, threads: int | None = None, performance_hint: str | None = None, **_):
         ov = require("openvino", NAME)
@@ -128,7 +134,8 @@ class Engine:
         core = ov.Core()
         model = core.read_model(str(bundle.file("engine")), str(bundle.file("weights")))
         self.compiled = core.compile_model(model, DEVICE, compile_properties(opts, threads, hint))
-        self.request = self.compiled.create_infer_request()
+        self._requests = queue.LifoQueue()
+        self._requests.put(self.compiled.create_infer_request())
         self.info = {
             "backend": NAME, "version": ov.__version__, "device": DEVICE,
             "performance_hint": str(self.compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
@@ -138,5 +145,12 @@ class Engine:
         }
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        # share_inputs avoids one copy of the input; outputs are copied so a result outlives the next call.
-        return self.request.infer({0: batch}, share_inputs=True, share_outputs=False)[0]
+        try:
+            request = self._requests.get_nowait()
+        except queue.Empty:
+            request = self.compiled.create_infer_request()
+        try:
+            # share_inputs avoids one copy of the input; outputs are copied so a result outlives the next call.
+            return request.infer({0: batch}, share_inputs=True, share_outputs=False)[0]
+        finally:
+            self._requests.put(request)

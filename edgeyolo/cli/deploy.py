@@ -30,7 +30,7 @@ def targets(as_json: bool):
 @cli.command()
 @click.argument("weights")
 @click.option("--imgsz", type=IMGSZ, default="640", show_default=True, help="Input size: 640, or height,width (480,640 or 480x640).")
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--opset", type=click.IntRange(11, 20), default=17, show_default=True)
 @click.option("--head", type=click.Choice(["decoded", "sigmoid"]), default="decoded", show_default=True,
               help="decoded: boxes in pixels (YOLOv5's layout); sigmoid: decode on the host (for INT8).")
 @click.option("--dynamic-batch", is_flag=True, help="Dynamic batch dimension.")
@@ -55,7 +55,7 @@ def export(weights, imgsz, opset, head, dynamic_batch, dynamic_shape, output):
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Bundle folder [default: WEIGHTS stem-TARGET].")
 @click.option("--imgsz", type=IMGSZ, help="Override the target's input size: 640, or height,width (480,640 or 480x640).")
 @click.option("--calib", help="Calibration images for INT8: a folder, a text file of paths, or a named set.")
-@click.option("--calib-size", type=int, help="Calibration images to draw [default: 300].")
+@click.option("--calib-size", type=click.IntRange(min=1), help="Calibration images to draw [default: 300].")
 @click.option("--calib-seed", type=int, default=0, show_default=True, help="Seed for drawing calibration images.")
 @click.option("--val", help="Evaluate the built engine on this labelled dataset before committing it.")
 @click.option("--max-drop", type=float, default=0.5, show_default=True,
@@ -81,6 +81,8 @@ def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, va
 
     if not target_name:
         raise EdgeYoloError("pass --target (see 'edgeyolo targets')")
+    if not 0 <= max_drop < float("inf"):  # nan would pass every gate
+        raise EdgeYoloError(f"--max-drop must be a number of points >= 0, not {max_drop}")
     target = load_target(target_name)
     dest = Path(output or f"{Path(weights).stem}-{target.name}")
     size = imgsz

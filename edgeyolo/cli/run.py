@@ -43,7 +43,11 @@ def detect(model, sources, conf, iou, max_det, as_json, save_dir, save_txt, save
     results, coco = [], []
     for source in inputs:
         if source.kind in ("video", "camera"):
-            results.append(_detect_stream(detector, source, save, save_txt))
+            result = _detect_stream(detector, source, save, save_txt)
+            if source.kind == "video" and not result["frame_count"]:
+                log.warning("skipping %s: not a readable video (no frames)", source.path)
+                continue
+            results.append(result)
             continue
         try:
             image = read_image(source.path)
@@ -118,7 +122,7 @@ def _detect_stream(detector, source, save: Path | None, save_txt: bool) -> dict:
 @click.option("--data", required=True, help="Dataset: a YOLO-layout folder, a data yaml, or a COCO json.")
 @click.option("--backend", help="Run the bundle's ONNX on another backend (e.g. onnxruntime for a TensorRT bundle).")
 @click.option("--per-class", is_flag=True, help="Also report AP50-95 per class.")
-@click.option("--limit", type=int, help="Evaluate only the first N images.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(model, data, backend, per_class, limit, as_json):
     """COCO mAP50-95 / mAP50 of a bundle (or weights) on a labelled dataset, as YOLOv5's val.py runs it."""
@@ -128,6 +132,7 @@ def eval_cmd(model, data, backend, per_class, limit, as_json):
 
     dataset = load_dataset(data)
     detector = load_for_eval(open_model(model), backend=backend)
+    dataset.check_classes(len(detector.names))
     total = min(len(dataset), limit) if limit else len(dataset)
     with progress_bar(f"eval {detector.bundle.target['name']}", total) as advance:
         result = evaluate(detector, dataset, per_class=per_class, progress=advance, limit=limit)
@@ -161,6 +166,8 @@ def bench(model, iters, warmup, image_source, threads, as_json):
     detector = load(open_model(model), **options)
     if image_source:
         images = [read_image(s.path) for s in resolve_sources([image_source]) if s.kind == "image"][:16]
+        if not images:
+            raise EdgeYoloError(f"{image_source}: no images to benchmark on (bench --images takes image files)")
     else:
         images = [synthetic_image()]
     result = benchmark(detector, images, iters=iters, warmup=warmup)

@@ -11,6 +11,7 @@ anything runs. The recorded tensors are then loaded into our own ``Model``.
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import zipfile
@@ -78,12 +79,70 @@ class LoadedCheckpoint:
     original_dtype: str
 
 
+# Bounds no YOLOv5 checkpoint comes near (YOLOv5x: 86M parameters, its largest weight 14.7M), checked
+# before any tensor is materialised, so a hostile file is refused before it costs memory.
+MAX_TENSOR_ELEMENTS = 64 << 20
+MAX_TOTAL_ELEMENTS = 512 << 20
+MAX_PICKLE_BYTES = 256 << 20
+_TENSOR_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+                  torch.uint8, torch.int8, torch.bool}
+
+
+def check_archive(path: Path) -> None:
+    """A torch zip's declared sizes, read from its directory before unpickling: no zip bomb, no giant pickle."""
+    if not zipfile.is_zipfile(path):
+        return  # legacy (non-zip) torch files: torch refuses them under weights_only or reads them bounded
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise EdgeYoloError(f"{path}: corrupt checkpoint archive ({_first_line(exc)})") from None
+    size = path.stat().st_size
+    declared = sum(m.file_size for m in members)
+    if declared > 2 * size + (1 << 20):
+        raise EdgeYoloError(f"{path}: refused, the archive claims to unpack to {declared >> 20} MB from "
+                            f"{size >> 20} MB (a zip bomb?)")
+    pickles = [m for m in members if m.filename.endswith(".pkl")]
+    if any(m.file_size > MAX_PICKLE_BYTES for m in pickles):
+        raise EdgeYoloError(f"{path}: refused, its pickle is larger than {MAX_PICKLE_BYTES >> 20} MB")
+
+
+def check_tensor(tensor, name: str, path: Path) -> int:
+    """A tensor record must be a plain dense tensor that its own storage covers (no stride-0 expansion)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise EdgeYoloError(f"{path}: refused, weight {name!r} is a {type(tensor).__name__}, not a tensor")
+    if tensor.layout != torch.strided or tensor.dtype not in _TENSOR_DTYPES or tensor.is_quantized:
+        raise EdgeYoloError(f"{path}: refused, weight {name!r} is not a plain tensor ({tensor.dtype}, {tensor.layout})")
+    numel = tensor.numel()
+    if numel > MAX_TENSOR_ELEMENTS:
+        raise EdgeYoloError(f"{path}: refused, weight {name!r} claims {numel:,} elements, more than any YOLOv5 weight")
+    if any(st < 1 for st, sz in zip(tensor.stride(), tensor.shape) if sz > 1):
+        raise EdgeYoloError(f"{path}: refused, weight {name!r} has a zero or negative stride "
+                            "(an expanded view that would grow when copied)")
+    return numel
+
+
+def check_state_dict(state, path: Path) -> dict:
+    """Every entry a bounded tensor under a string name, before anything converts or copies one."""
+    if not isinstance(state, dict):
+        raise EdgeYoloError(f"{path}: refused, its state_dict is a {type(state).__name__}, not a mapping of tensors")
+    total = 0
+    for name, tensor in state.items():
+        if not isinstance(name, str):
+            raise EdgeYoloError(f"{path}: refused, a weight name is a {type(name).__name__}, not a string")
+        total += check_tensor(tensor, name, path)
+        if total > MAX_TOTAL_ELEMENTS:
+            raise EdgeYoloError(f"{path}: refused, its weights hold more than {MAX_TOTAL_ELEMENTS:,} elements")
+    return state
+
+
 def read_pickle_safely(path: Path):
     """``torch.load`` restricted to tensors, plain containers and our stand-ins."""
     if not path.is_file():
         raise EdgeYoloError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise EdgeYoloError(f"{path}: checkpoint file is empty")
+    check_archive(path)
     try:
         with torch.serialization.safe_globals(_STAND_INS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -95,7 +154,10 @@ def read_pickle_safely(path: Path):
                 "YOLOv5 class (nothing from it was run)"
             ) from None
         raise EdgeYoloError(f"{path}: corrupt or not a checkpoint ({_unpickler_reason(exc)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError) as exc:
+    except RecursionError:
+        raise EdgeYoloError(f"{path}: refused, the checkpoint is nested too deeply") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError,
+            TypeError, IndexError, MemoryError) as exc:
         raise EdgeYoloError(f"{path}: corrupt or truncated checkpoint ({_first_line(exc)})") from None
 
 
@@ -122,10 +184,13 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     cfg = getattr(record, "yaml", None)
     if not isinstance(cfg, dict):
         raise EdgeYoloError(f"{path}: the pickled model carries no YOLOv5 architecture ('yaml' dict)")
-    state = module_state_dict(record)
+    state = check_state_dict(module_state_dict(record), path)
     dtype = next((str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()), "float32")
     model = _build(cfg, state, path)
-    copy_module_settings(model, record)
+    try:
+        copy_module_settings(model, record)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise EdgeYoloError(f"{path}: malformed layer settings ({_first_line(exc)})") from None
     model.names = _names(getattr(record, "names", None), model.detect.nc)
     return LoadedCheckpoint(model=model, names=model.names, source=str(path), original_dtype=dtype)
 
@@ -177,13 +242,21 @@ def copy_module_settings(model: torch.nn.Module, record: PickledObject) -> None:
         if rec is None:
             continue
         if isinstance(module, torch.nn.BatchNorm2d):
-            module.eps = float(getattr(rec, "eps", module.eps))
-            module.momentum = getattr(rec, "momentum", module.momentum)
+            module.eps = _finite(getattr(rec, "eps", module.eps), "BatchNorm eps")
+            momentum = getattr(rec, "momentum", module.momentum)
+            module.momentum = None if momentum is None else _finite(momentum, "BatchNorm momentum")
         act = getattr(rec, "_modules", {}).get("act") if hasattr(module, "act") else None
         if isinstance(act, PickledObject):
             kind = act.pickled_name.rsplit(".", 1)[-1]
             if kind in ACTIVATIONS and type(module.act).__name__ != kind:
-                module.act = ACTIVATIONS[kind](act.negative_slope) if kind == "LeakyReLU" else ACTIVATIONS[kind]()
+                slope = _finite(getattr(act, "negative_slope", 0.01), "LeakyReLU slope")
+                module.act = ACTIVATIONS[kind](slope) if kind == "LeakyReLU" else ACTIVATIONS[kind]()
+
+
+def _finite(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} is {value!r}, not a finite number")
+    return float(value)
 
 
 def _build(cfg: dict, state: dict[str, torch.Tensor], path: Path) -> Model:
@@ -203,14 +276,19 @@ def _build(cfg: dict, state: dict[str, torch.Tensor], path: Path) -> Model:
 
 def _names(names, nc: int) -> list[str]:
     if isinstance(names, dict):
-        names = [names[k] for k in sorted(names)]
+        try:
+            names = [names[k] for k in sorted(names)]
+        except TypeError:  # keys of mixed types
+            names = None
     if not isinstance(names, (list, tuple)) or len(names) != nc:
         return [f"class{i}" for i in range(nc)]
     return [str(n) for n in names]
 
 
 def _from_own_format(ckpt: dict, path: Path) -> LoadedCheckpoint:
-    model = _build(ckpt["yaml"], ckpt["state_dict"], path)
+    if not isinstance(ckpt.get("yaml"), dict):
+        raise EdgeYoloError(f"{path}: the checkpoint carries no YOLOv5 architecture ('yaml' dict)")
+    model = _build(ckpt["yaml"], check_state_dict(ckpt.get("state_dict"), path), path)
     model.names = _names(ckpt.get("names"), model.detect.nc)
     return LoadedCheckpoint(model=model, names=model.names, source=str(path), original_dtype="float32")
 

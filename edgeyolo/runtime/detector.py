@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,13 @@ class StageTimes:
 
 
 class Detector:
-    """Detect objects with one bundle's engine; ``detect()`` is all most callers need."""
+    """Detect objects with one bundle's engine; ``detect()`` is all most callers need.
+
+    One ``Detector`` may be shared by several threads: pre- and post-processing keep no shared
+    state, ``last_times`` is per thread, and each backend's engine is thread-safe in its own way
+    (ONNX Runtime's session is; OpenVINO lends each call an infer request from a pool; LiteRT's
+    interpreter runs one call at a time under a lock). Results equal those of serial calls.
+    """
 
     def __init__(self, bundle: Bundle, engine, conf: float = 0.25, iou: float = 0.45, max_det: int = 300):
         self.bundle = bundle
@@ -36,8 +44,17 @@ class Detector:
         self.layout = manifest["input"].get("layout", "NCHW")
         self.output = manifest["output"]
         self.names = manifest["names"]
-        self.conf, self.iou, self.max_det = conf, iou, max_det
-        self.last_times = StageTimes()
+        self.conf, self.iou, self.max_det = check_thresholds(conf, iou, max_det)
+        self._local = threading.local()
+
+    @property
+    def last_times(self) -> StageTimes:
+        """Stage times of this thread's last ``detect`` call."""
+        return getattr(self._local, "times", None) or StageTimes()
+
+    @last_times.setter
+    def last_times(self, times: StageTimes) -> None:
+        self._local.times = times
 
     @property
     def info(self) -> dict:
@@ -49,6 +66,8 @@ class Detector:
 
         Returns ``Detections`` for one image, a list of them for a list.
         """
+        conf, iou, max_det = check_thresholds(self.conf if conf is None else conf, self.iou if iou is None else iou,
+                                              self.max_det if max_det is None else max_det)
         single = not isinstance(images, (list, tuple))
         results = [
             self._detect_one(as_bgr(image), conf, iou, max_det, multi_label, agnostic, classes)
@@ -67,8 +86,7 @@ class Detector:
         t2 = time.perf_counter()
         pred = self.decode(raw, info.input_hw)[0]
         rows = non_max_suppression(
-            pred, self.conf if conf is None else conf, self.iou if iou is None else iou,
-            self.max_det if max_det is None else max_det, multi_label=multi_label, agnostic=agnostic, classes=classes,
+            pred, conf, iou, max_det, multi_label=multi_label, agnostic=agnostic, classes=classes,
         )
         rows[:, :4] = scale_boxes(rows[:, :4], info)
         t3 = time.perf_counter()
@@ -81,6 +99,18 @@ class Detector:
         if self.output["head"] == "sigmoid":
             return decode_sigmoid_head(raw, input_hw, self.output["strides"], self.output["anchors"])
         return raw
+
+
+def check_thresholds(conf, iou, max_det) -> tuple[float, float, int]:
+    """Refuse thresholds that would silently return nothing or drop boxes (``nan``, negative ``max_det``)."""
+    from ..errors import EdgeYoloError
+
+    for name, value in (("conf", conf), ("iou", iou)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+            raise EdgeYoloError(f"{name} must be a number between 0 and 1, not {value!r}")
+    if isinstance(max_det, bool) or not isinstance(max_det, numbers.Integral) or max_det < 1:
+        raise EdgeYoloError(f"max_det must be a positive integer, not {max_det!r}")
+    return float(conf), float(iou), int(max_det)
 
 
 def load(bundle: str | Path | Bundle, verify: bool = True, conf: float = 0.25, iou: float = 0.45,

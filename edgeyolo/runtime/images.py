@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import EdgeYoloError
 
+MAX_IMAGE_BYTES = 512 << 20
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm"}
 
 
@@ -17,8 +18,14 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise EdgeYoloError(f"{path}: no such image file")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise EdgeYoloError(f"{path}: larger than {MAX_IMAGE_BYTES >> 20} MB; not an image we read")
     data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    try:  # OpenCV refuses headers claiming more than its pixel limit (2^30) before allocating
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as exc:
+        reason = str(exc).strip().splitlines()[-1][:120]
+        raise EdgeYoloError(f"{path}: not a readable image ({reason})") from None
     if image is None:
         raise EdgeYoloError(f"{path}: not a readable image")
     return to_bgr_uint8(image)

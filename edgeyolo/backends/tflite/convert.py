@@ -50,7 +50,7 @@ def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResu
     require_converter()
     io_dtype = io_dtype_option(target)
     onnx_input, onnx_output = onnx_io_shapes(onnx_path)
-    with tempfile.TemporaryDirectory(prefix="edgeyolo-tflite-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"edgeyolo-tflite-{os.getpid()}-") as tmp:
         work = Path(tmp)
         copy_for_converter(onnx_path, work / "model.onnx", target.precision)
         np.save(work / SAMPLE_FILE, sample_images(calibration))

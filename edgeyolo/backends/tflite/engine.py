@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -52,12 +53,16 @@ class Engine:
     """Runs a bundle's ``.tflite`` model; quantises int8 inputs and dequantises int8 outputs itself.
 
     The quantisation parameters are read from the model, not the manifest, so they cannot disagree.
+    A LiteRT interpreter is not thread-safe (its tensors are shared state), so calls from several
+    threads take turns on a lock: XNNPACK already spreads one call over the cores, and one
+    interpreter per thread would multiply the arena memory that small devices lack.
     """
 
     def __init__(self, bundle, threads: int | None = None, **_):
         threads = default_threads(bundle) if threads is None else int(threads)
         threads = threads or os.cpu_count() or 1
         self.interpreter = open_interpreter(bundle.file("engine"), threads)
+        self._lock = threading.Lock()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.info = {"backend": NAME, "version": litert_version(), "threads": threads, "delegate": "XNNPACK",
@@ -69,9 +74,12 @@ class Engine:
         expected = tuple(self.input["shape"])
         if batch.shape != expected:
             raise EdgeYoloError(f"this TFLite model takes input {list(expected)}, not {list(batch.shape)}")
-        self.interpreter.set_tensor(self.input["index"], quantize(batch, self.input))
-        self.interpreter.invoke()
-        return dequantize(self.interpreter.get_tensor(self.output["index"]), self.output)
+        values = quantize(batch, self.input)
+        with self._lock:
+            self.interpreter.set_tensor(self.input["index"], values)
+            self.interpreter.invoke()
+            raw = self.interpreter.get_tensor(self.output["index"])  # a copy, safe after the lock
+        return dequantize(raw, self.output)
 
 
 def quantize(values: np.ndarray, detail: dict) -> np.ndarray:
