@@ -124,3 +124,39 @@ def test_sparsity_penalty_pulls_bn_scales_towards_zero(yolov5n):
         optimizer.step()
     assert bn_l1(model) < before - 1e-3 * 3 * 0.9 * sum(
         m.weight.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_rounding_keeps_the_nearest_multiple_not_the_floor(yolov5n):
+    from edgeyolo.optimize.prune import _nearest_multiple_pruned
+
+    assert _nearest_multiple_pruned(1, 16, 8) == 0  # 15 kept rounds to 16, not to 8 (torch-pruning's floor)
+    assert _nearest_multiple_pruned(5, 32, 8) == 8  # 27 kept -> 24
+    assert _nearest_multiple_pruned(15, 16, 8) == 8  # never below one multiple
+    small = prune(copy.deepcopy(yolov5n), ratio=0.05).model
+    assert small.model[0].conv.out_channels == 16  # the stem keeps its 16 channels at 5 %
+
+
+def _best_score(model, image) -> float:
+    from edgeyolo.runtime.preprocess import LetterboxSettings, letterbox, to_input
+
+    x = torch.from_numpy(to_input(letterbox(image, LetterboxSettings(imgsz=(320, 320)))[0]))
+    with torch.no_grad():
+        y = model.eval()(x)[0]
+    return float((y[:, 4:5] * y[:, 5:]).max())
+
+
+def test_batchnorm_recalibration_recovers_what_one_shot_pruning_shifted(yolov5n, coco128, images):
+    """Pruned channels still emitted act(beta); without them the next BatchNorm's stored mean is
+    wrong. Re-estimating the statistics on 16 unlabelled images brings the detections back."""
+    from edgeyolo.calibration import load_calibration
+    from edgeyolo.optimize.batchnorm import letterboxed_batches, recalibrate_batchnorm
+    from edgeyolo.runtime.preprocess import LetterboxSettings
+
+    model = prune(copy.deepcopy(yolov5n), ratio=0.1).model
+    bus = images[0]
+    before, original = _best_score(model, bus), _best_score(yolov5n, bus)
+    calib = load_calibration(coco128 / "images", LetterboxSettings(imgsz=(320, 320)), size=16)
+    assert recalibrate_batchnorm(model, letterboxed_batches(calib.letterboxed)) == 16
+    after = _best_score(model, bus)
+    assert after > before + 0.3, (before, after, original)
+    assert not model.training

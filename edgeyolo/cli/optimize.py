@@ -27,8 +27,11 @@ ACTS = ["relu", "relu6", "leakyrelu", "hardswish", "silu"]
 @click.option("--data", help="Images with labels: Taylor gradients and recovery between iterative steps.")
 @click.option("--recover-epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--imgsz", type=click.IntRange(min=32), default=320, show_default=True, help="Size for --data use.")
+@click.option("--calib", help="Unlabelled images (folder, list file or named set): BatchNorm statistics are "
+                              "re-estimated on them after pruning (advised: one-shot pruning shifts them).")
+@click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True)
 def prune(weights, ratio, target_flops, out, importance, global_pruning, round_to, iterative, data, recover_epochs,
-          imgsz):
+          imgsz, calib, calib_size):
     """Remove channels from WEIGHTS (structured pruning); prints params and GFLOPs before -> after."""
     from ..model import load_model, save_model
     from ..optimize import prune as pruning
@@ -50,11 +53,24 @@ def prune(weights, ratio, target_flops, out, importance, global_pruning, round_t
     result = pruning.prune(model, ratio=ratio, target_gflops=target_flops, importance=importance,
                            global_pruning=global_pruning, round_to=round_to if round_to > 1 else None,
                            loss_fn=loss_fn, recover=recover, iterative=iterative)
+    recalibrated = _recalibrate(result.model, calib, calib_size, imgsz) if calib else 0
     path = save_model(result.model, out, meta={"pruned_from": str(weights), "ratio": result.ratio,
-                                               "importance": importance, "global": global_pruning})
+                                               "importance": importance, "global": global_pruning,
+                                               "batchnorm_recalibrated_on": recalibrated})
     err.print(f"params {result.before.params / 1e6:.3f} M -> {result.after.params / 1e6:.3f} M, "
               f"GFLOPs@640 {result.before.gflops:.2f} -> {result.after.gflops:.2f} (ratio {result.ratio:.3f})")
     err.print(f"pruned model saved to {path}")
+
+
+def _recalibrate(model, calib, size, imgsz) -> int:
+    from ..calibration import load_calibration
+    from ..optimize.batchnorm import letterboxed_batches, recalibrate_batchnorm
+    from ..runtime.preprocess import LetterboxSettings
+
+    images = load_calibration(calib, LetterboxSettings(imgsz=(imgsz, imgsz)), size=None, default_size=size)
+    seen = recalibrate_batchnorm(model, letterboxed_batches(images.letterboxed))
+    err.print(f"BatchNorm statistics re-estimated on {seen} images from {calib}")
+    return seen
 
 
 def _few_batches(data, imgsz, model, count: int = 2, batch: int = 8):

@@ -10,6 +10,7 @@ what ``save_model``/``load_native`` round-trip.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -53,15 +54,36 @@ def _example(model: nn.Module) -> torch.Tensor:
 def make_pruner(model: nn.Module, importance: str, ratio: float, *, global_pruning: bool = False,
                 round_to: int | None = 8, steps: int = 1):
     """A torch-pruning pruner over ``model``; ``steps`` > 1 reaches ``ratio`` in equal steps."""
-    import torch_pruning as tp
-
     if not 0 < ratio < 1:
         raise EdgeYoloError(f"--ratio must be between 0 and 1, not {ratio}")
     head = list(model.detect.m)
-    return tp.pruner.BasePruner(
+    return _nearest_rounding_pruner_class()(
         model, _example(model), importance=make_importance(importance), global_pruning=global_pruning,
         pruning_ratio=ratio, max_pruning_ratio=MAX_LAYER_RATIO, iterative_steps=steps, ignored_layers=head,
         round_to=round_to or None)
+
+
+def _nearest_multiple_pruned(n_pruned: int, channels: int, multiple: int) -> int:
+    """Channels to remove so that the kept count is the multiple of ``multiple`` nearest the asked one.
+
+    torch-pruning's own ``round_to`` floors the kept count: a 16-channel stem asked to lose 5 %
+    (15.2 kept) is cut to 8, half the layer, which alone wipes out a nano model's detections.
+    Rounding to the nearest multiple (never below one multiple) keeps the ratio honest."""
+    kept = channels - n_pruned
+    kept = max(multiple, int(round(kept / multiple)) * multiple)
+    return max(channels - kept, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _nearest_rounding_pruner_class():
+    """torch-pruning's pruner with ``_round_to`` replaced (a class made on first use: the import is lazy)."""
+    import torch_pruning as tp
+
+    class NearestRoundingPruner(tp.pruner.BasePruner):
+        def _round_to(self, n_pruned, current_channels, round_to):
+            return _nearest_multiple_pruned(n_pruned, current_channels, round_to)
+
+    return NearestRoundingPruner
 
 
 def prune(model: nn.Module, *, ratio: float | None = None, target_gflops: float | None = None,
