@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .errors import EdgeYoloError
 from .manifest import BUNDLE_FORMAT, MAX_MANIFEST_BYTES, seal, validate_manifest
+from .schema import loads_json
 from .swap import clean_stale_building, current_umask, recover_parked, replace_dir
 
 __all__ = ["BUNDLE_FORMAT", "MANIFEST", "Bundle", "BundleWriter", "is_bundle", "load_bundle", "sha256_file"]
@@ -99,7 +100,7 @@ def read_manifest(path: Path) -> dict:
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise EdgeYoloError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES >> 20} MB; not a bundle manifest")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return loads_json(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EdgeYoloError(f"{path}: corrupt manifest ({exc})") from None
     except RecursionError:

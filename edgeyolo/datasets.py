@@ -11,7 +11,7 @@ import numpy as np
 from ._optional import require
 from .errors import EdgeYoloError
 from .runtime.images import IMAGE_SUFFIXES
-from .schema import Fields, check_int, check_number
+from .schema import Fields, check_int, check_number, loads_json
 
 MAX_LABEL_BYTES = 16 << 20
 MAX_YAML_BYTES = 1 << 20
@@ -172,7 +172,7 @@ def _coco_json(path: Path) -> Dataset:
     Category ids are mapped to contiguous class indices in id order (COCO's 80 classes → 0..79).
     """
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = loads_json(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise EdgeYoloError(f"{path}: not a COCO instances json ({str(exc)[:200]})") from None
     top = Fields(data, str(path))

@@ -7,12 +7,38 @@ becomes one clear ``EdgeYoloError`` line where it is read, never a ``KeyError`` 
 
 from __future__ import annotations
 
+import json
 import math
 import re
+
+import numpy as np
 
 from .errors import EdgeYoloError
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+C_SCANNER_MAX_DEPTH = 200  # well inside any recursion limit and any C stack
+
+
+def loads_json(data):
+    """``json.loads`` that no nesting depth can crash; raises what ``json.loads`` raises.
+
+    CPython's C scanner recurses on the C stack once per nesting level, guarded only by the
+    interpreter's recursion limit, which some libraries raise to the C int maximum (onnx2tf
+    does on import): a file nested 100,000 deep then kills the process with SIGSEGV. A
+    document whose bracket depth, counted conservatively (brackets inside strings too), stays
+    small goes to the fast C scanner; any other to the pure-Python one, whose recursion raises
+    ``RecursionError`` or, on Python >= 3.11, lives on the heap.
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    codes = np.frombuffer(raw, dtype=np.uint8)
+    step = np.isin(codes, (0x5B, 0x7B)).astype(np.int32) - np.isin(codes, (0x5D, 0x7D)).astype(np.int32)
+    depth = int(np.cumsum(step).max()) if step.size else 0
+    text = raw.decode("utf-8")
+    if depth <= C_SCANNER_MAX_DEPTH:
+        return json.loads(text)
+    decoder = json.JSONDecoder()
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    return decoder.decode(text)
 
 
 class Fields:

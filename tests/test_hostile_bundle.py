@@ -241,3 +241,18 @@ def test_commit_checksums_files_in_subfolders(copy, tmp_path):
     assert set(bundle.manifest["checksums"]) == {"model.onnx", "engines/x.engine"}
     (bundle.path / "engines" / "x.engine").write_bytes(b"swapped")
     refused(bundle.path, "checksum mismatch for engines/x.engine")
+
+
+def test_deep_json_cannot_crash_a_process_whose_recursion_limit_was_raised(copy):
+    """onnx2tf raises the recursion limit to the C int maximum on import; CPython's C JSON scanner
+    then overflows the C stack on a manifest nested 100,000 deep (SIGSEGV). Refused instead."""
+    import subprocess
+    import sys
+
+    (copy / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    code = ("import sys\nsys.setrecursionlimit(2**31 - 1)\nfrom edgeyolo.bundle import load_bundle\n"
+            "from edgeyolo.errors import EdgeYoloError\n"
+            f"try:\n    load_bundle({str(copy)!r})\nexcept EdgeYoloError as exc:\n    print('refused:', exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout

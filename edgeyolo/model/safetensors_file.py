@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EdgeYoloError
+from ..schema import loads_json
 
 MAX_HEADER_BYTES = 16 << 20
 MAX_DATA_BYTES = 4 << 30
@@ -72,7 +73,7 @@ def read_header(path: Path, max_data_bytes: int = MAX_DATA_BYTES) -> Header:
     except OSError as exc:
         fail(f"cannot read ({exc.strerror or exc})")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = loads_json(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         fail("not a safetensors file (its header is not JSON)")
     if not isinstance(header, dict):
@@ -134,7 +135,7 @@ def read_metadata_json(path: Path, header: Header, key: str, what: str) -> dict:
     if text is None:
         raise EdgeYoloError(f"{path}: a safetensors file without an edgeyolo {what} (metadata key {key!r})")
     try:
-        value = json.loads(text)
+        value = loads_json(text)
     except json.JSONDecodeError as exc:
         raise EdgeYoloError(f"{path}: its {what} is not valid JSON ({exc.msg} at {exc.pos})") from None
     except RecursionError:
