@@ -1,4 +1,8 @@
-"""Shared fixtures: the real files in ../shared/fixtures (skipped cleanly where absent) and built bundles."""
+"""Shared fixtures: the real files in ../shared/fixtures (skipped cleanly where absent) and built bundles.
+
+With ``EDGEYOLO_REQUIRE_FIXTURES=1`` (CI sets it) a missing fixture fails the test instead, so a broken
+path can never turn the suite into a green no-op.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("EDGEYOLO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+REQUIRE_FIXTURES = os.environ.get("EDGEYOLO_REQUIRE_FIXTURES", "") not in ("", "0")
 
 
 def fixture_path(*parts: str) -> Path:
     path = FIXTURES.joinpath(*parts)
     if not path.exists():
+        if REQUIRE_FIXTURES:
+            pytest.fail(f"fixture {path} missing (EDGEYOLO_REQUIRE_FIXTURES is set)", pytrace=False)
         pytest.skip(f"fixture {path} not present")
     return path
 
