@@ -110,3 +110,20 @@ def cpu_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "cpu-int8"
     build_bundle(yolov5n_pt, "cpu-int8", out, calibration=coco128_calibration)
     return out
+
+
+@pytest.fixture(scope="session")
+def coco_val_dataset(coco_val):
+    """coco-val-500 read once (the reported set: evaluate on it, never tune on it)."""
+    from edgeyolo.datasets import load_dataset
+
+    return load_dataset(coco_val)
+
+
+@pytest.fixture(scope="session")
+def cpu_fp32_coco_val_result(cpu_fp32_bundle, coco_val_dataset):
+    """cpu-fp32 on all of coco-val-500, evaluated once: the reference every full-set accuracy test compares with."""
+    from edgeyolo.evaluate import evaluate
+    from edgeyolo.runtime import load
+
+    return evaluate(load(cpu_fp32_bundle), coco_val_dataset)
