@@ -127,3 +127,14 @@ def cpu_fp32_coco_val_result(cpu_fp32_bundle, coco_val_dataset):
     from edgeyolo.runtime import load
 
     return evaluate(load(cpu_fp32_bundle), coco_val_dataset)
+
+
+@pytest.fixture(scope="session")
+def intel_fp16_bundle(yolov5n_pt, tmp_path_factory) -> Path:
+    """intel-cpu-fp16 (OpenVINO, FP16 weights), built once: test_openvino checks it, test_tflite compares arm-fp16."""
+    pytest.importorskip("openvino")
+    from edgeyolo.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "intel-cpu-fp16"
+    build_bundle(yolov5n_pt, "intel-cpu-fp16", out)
+    return out

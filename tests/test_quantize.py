@@ -208,6 +208,23 @@ def test_asymmetric_activations_are_refused_for_tensorrt():
 
 
 # --------------------------------------------------------------------------- accuracy
+# Measured vs cpu-fp32 on the sample images, detections scoring >= 0.5: IoU >= 0.967, scores within 0.147
+# (the Q/DQ graph keeps no float fallback but the stride-32 stage and the head).
+INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.95, 0.17
+
+
+def test_cpu_int8_matches_cpu_fp32_within_stated_tolerance(cpu_fp32_bundle, cpu_int8_bundle, images):
+    from detection_match import unmatched
+
+    from edgeyolo.runtime import load
+
+    reference, candidate = load(cpu_fp32_bundle), load(cpu_int8_bundle)
+    for image in images:
+        ref, got = reference.detect(image), candidate.detect(image)
+        assert (ref.confidence >= INT8_MIN_SCORE).any()
+        assert unmatched(ref, got, min_iou=INT8_IOU, score_tol=INT8_SCORE_TOL, min_score=INT8_MIN_SCORE) == []
+
+
 @pytest.mark.slow
 def test_cpu_int8_accuracy_within_one_point_of_fp32(cpu_int8_bundle, coco_val, expected_dir):
     """cpu-int8 on the full coco-val-500 vs the FP32 figure (upstream val.py on the same set = our cpu-fp32)."""
