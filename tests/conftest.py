@@ -92,24 +92,47 @@ def cpu_fp32_bundle(yolov5n_pt, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def coco128_calibration(yolov5n_pt, coco128):
-    """coco128 letterboxed for 640x640 engines (every image; the default size asks for 300)."""
+# INT8 bundles whose tests check structure, manifests, plumbing and parity on the two sample images calibrate
+# on this many coco128 images; the full-set accuracy tests (slow) use bundles calibrated on all 128.
+PLUMBING_CALIBRATION_IMAGES = 32
+
+
+def _calibration(weights, coco128, size):
     from edgeyolo.build import prepare_calibration
     from edgeyolo.targets import Target
 
     target = Target(name="test-int8", backend="onnxruntime", precision="int8")
-    return prepare_calibration(yolov5n_pt, target, coco128 / "images", size=128)
+    return prepare_calibration(weights, target, coco128 / "images", size=size)
 
 
 @pytest.fixture(scope="session")
-def cpu_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
-    """cpu-int8 (the Q/DQ ONNX the NVIDIA int8 targets share), calibrated on coco128, built once per session."""
+def coco128_calibration(yolov5n_pt, coco128):
+    """coco128 letterboxed for 640x640 engines (every image; the default size asks for 300)."""
+    return _calibration(yolov5n_pt, coco128, 128)
+
+
+@pytest.fixture(scope="session")
+def plumbing_calibration(yolov5n_pt, coco128):
+    """A seeded draw of 32 coco128 images: quick INT8 builds for tests that are not about accuracy."""
+    return _calibration(yolov5n_pt, coco128, PLUMBING_CALIBRATION_IMAGES)
+
+
+def _build(weights, target, tmp_path_factory, calibration=None) -> Path:
     from edgeyolo.build import build_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "cpu-int8"
-    build_bundle(yolov5n_pt, "cpu-int8", out, calibration=coco128_calibration)
-    return out
+    return build_bundle(weights, target, tmp_path_factory.mktemp("bundles") / target, calibration=calibration).path
+
+
+@pytest.fixture(scope="session")
+def cpu_int8_bundle(yolov5n_pt, plumbing_calibration, tmp_path_factory) -> Path:
+    """cpu-int8 (the Q/DQ ONNX the NVIDIA int8 targets share) on the plumbing calibration, built once per session."""
+    return _build(yolov5n_pt, "cpu-int8", tmp_path_factory, plumbing_calibration)
+
+
+@pytest.fixture(scope="session")
+def cpu_int8_accuracy_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
+    """cpu-int8 calibrated on all of coco128, as the README's accuracy table: for the slow full-set test."""
+    return _build(yolov5n_pt, "cpu-int8", tmp_path_factory, coco128_calibration)
 
 
 @pytest.fixture(scope="session")
@@ -133,8 +156,15 @@ def cpu_fp32_coco_val_result(cpu_fp32_bundle, coco_val_dataset):
 def intel_fp16_bundle(yolov5n_pt, tmp_path_factory) -> Path:
     """intel-cpu-fp16 (OpenVINO, FP16 weights), built once: test_openvino checks it, test_tflite compares arm-fp16."""
     pytest.importorskip("openvino")
-    from edgeyolo.build import build_bundle
+    return _build(yolov5n_pt, "intel-cpu-fp16", tmp_path_factory)
 
-    out = tmp_path_factory.mktemp("bundles") / "intel-cpu-fp16"
-    build_bundle(yolov5n_pt, "intel-cpu-fp16", out)
-    return out
+
+@pytest.fixture(scope="session")
+def exported_onnx(yolov5n_pt, tmp_path_factory):
+    """The 640x640 ONNX of each head ("decoded", "sigmoid"), exported once for every test that reads one."""
+    from edgeyolo.export import ExportOptions, export_onnx
+    from edgeyolo.model import load_model
+
+    model = load_model(yolov5n_pt).model
+    folder = tmp_path_factory.mktemp("onnx")
+    return {head: export_onnx(model, folder / f"{head}.onnx", ExportOptions(head=head)) for head in ("decoded", "sigmoid")}

@@ -22,12 +22,8 @@ MAX_DROP_POINTS = 1.0  # the issue's bound for cpu-int8 vs cpu-fp32 (mAP50-95, c
 
 
 @pytest.fixture(scope="session")
-def sigmoid_onnx(yolov5n_pt, tmp_path_factory):
-    from edgeyolo.export import ExportOptions, export_onnx
-    from edgeyolo.model import load_model
-
-    out = tmp_path_factory.mktemp("qdq") / "sigmoid.onnx"
-    return export_onnx(load_model(yolov5n_pt).model, out, ExportOptions(head="sigmoid"))
+def sigmoid_onnx(exported_onnx):
+    return exported_onnx["sigmoid"]
 
 
 @pytest.fixture(scope="session")
@@ -148,11 +144,11 @@ def test_head_stays_in_float(qdq_model):
     assert _producers(qdq_model)["output0"].op_type == "Concat"
 
 
-def test_manifest_records_the_quantisation(cpu_int8_bundle):
+def test_manifest_records_the_quantisation(cpu_int8_bundle, plumbing_calibration):
     manifest = load_bundle(cpu_int8_bundle).manifest
     facts = manifest["backend"]["quantization"]
     assert facts["format"] == "QDQ" and facts["weights"] == "int8 symmetric per-channel"
-    assert facts["quantized_nodes"] > 100 and facts["images"] == 128
+    assert facts["quantized_nodes"] > 100 and facts["images"] == len(plumbing_calibration) == 32
     assert manifest["calibration"]["method"].startswith(facts["method"])
     assert manifest["output"]["head"] == "sigmoid"
 
@@ -226,13 +222,13 @@ def test_cpu_int8_matches_cpu_fp32_within_stated_tolerance(cpu_fp32_bundle, cpu_
 
 
 @pytest.mark.slow
-def test_cpu_int8_accuracy_within_one_point_of_fp32(cpu_int8_bundle, coco_val, expected_dir):
-    """cpu-int8 on the full coco-val-500 vs the FP32 figure (upstream val.py on the same set = our cpu-fp32)."""
-    from edgeyolo.datasets import load_dataset
+def test_cpu_int8_accuracy_within_one_point_of_fp32(cpu_int8_accuracy_bundle, coco_val_dataset, expected_dir):
+    """cpu-int8 (calibrated on all of coco128) on the full coco-val-500 vs the FP32 figure (upstream val.py on the
+    same set = our cpu-fp32)."""
     from edgeyolo.evaluate import evaluate
     from edgeyolo.runtime import load
 
     reference = json.loads((expected_dir / "val_yolov5n_upstream.json").read_text())["coco_metric"]["map50_95"]
-    result = evaluate(load(cpu_int8_bundle), load_dataset(coco_val))
+    result = evaluate(load(cpu_int8_accuracy_bundle), coco_val_dataset)
     drop = (reference - result.map50_95) * 100
     assert drop <= MAX_DROP_POINTS, f"cpu-int8 mAP50-95 {result.map50_95:.4f} vs fp32 {reference:.4f}"
