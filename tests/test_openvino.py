@@ -24,8 +24,9 @@ from detection_match import unmatched  # noqa: E402
 FP32_BOX_PX, FP32_SCORE = 2e-3, 1e-5
 # FP16 weights (compute stays f32 on CPU): IoU >= 0.9955, boxes within 0.19 px, scores within 2.3e-3.
 FP16_IOU, FP16_BOX_PX, FP16_SCORE = 0.99, 0.4, 5e-3
-# INT8 (NNCF, calibrated on coco128), detections scoring >= 0.5: IoU >= 0.963, scores within 0.035.
-INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.94, 0.05
+# INT8 (NNCF, the 32-image plumbing calibration), detections scoring >= 0.5: IoU >= 0.949, scores within 0.036
+# (0.963 and 0.035 on all 128 images).
+INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.93, 0.05
 # FP16 accuracy on coco-val-500: measured +0.01 mAP50-95 points vs cpu-fp32.
 FP16_MAX_MAP_DIFF_POINTS = 0.1
 

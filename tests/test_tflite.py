@@ -27,8 +27,9 @@ from detection_match import unmatched  # noqa: E402
 FP32_BOX_PX, FP32_SCORE = 2e-3, 1e-5
 # FP16 weights (XNNPACK computes in f32 here): IoU >= 0.9955, boxes within 0.19 px, scores within 2.3e-3.
 FP16_IOU, FP16_BOX_PX, FP16_SCORE = 0.99, 0.4, 5e-3
-# Full-integer INT8 (calibrated on coco128), detections scoring >= 0.5: IoU >= 0.949, scores within 0.056.
-INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.92, 0.08
+# Full-integer INT8 (the 32-image plumbing calibration), detections scoring >= 0.5: IoU >= 0.940, scores within
+# 0.056 (0.949 and 0.056 on all 128 images).
+INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.92, 0.075
 # The bar on coco-val-500 (calibrated on coco128): within 1.0 mAP50-95 point of cpu-fp32.
 INT8_MAX_DROP = 1.0
 # arm-fp16 vs intel-cpu-fp16 at the evaluation settings (scores >= 0.01, first 10 coco-val-500 images):
