@@ -223,8 +223,12 @@ def test_build_with_a_target_file_of_ones_own(yolov5n_pt, tmp_path):
     mine = tmp_path / "mine.toml"
     text = (targets_dir() / "cpu-fp32.toml").read_text()
     mine.write_text(text.replace('name = "cpu-fp32"', 'name = "mine"').replace("imgsz = 640", "imgsz = [256, 320]"))
-    rc, _, stderr = run_cli("build", yolov5n_pt, "--target", mine, "-o", tmp_path / "b")
-    assert rc == 0, stderr
+    from click.testing import CliRunner
+
+    from edgeyolo.cli import cli
+
+    result = CliRunner().invoke(cli, ["build", str(yolov5n_pt), "--target", str(mine), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["target"]["name"] == "mine" and manifest["input"]["shape"] == [1, 3, 256, 320]
     assert manifest["preprocess"]["imgsz"] == [256, 320]
