@@ -92,9 +92,10 @@ def cpu_fp32_bundle(yolov5n_pt, tmp_path_factory) -> Path:
     return out
 
 
-# INT8 bundles whose tests check structure, manifests, plumbing and parity on the two sample images calibrate
-# on this many coco128 images; the full-set accuracy tests (slow) use bundles calibrated on all 128.
-PLUMBING_CALIBRATION_IMAGES = 32
+# Every INT8 bundle of a session calibrates on one set: all 128 coco128 images when the session runs slow tests
+# (the full-set accuracy checks need them, and the plumbing tests then share those bundles), a seeded draw of 32
+# otherwise: the edit loop (-m "not slow") checks structure, manifests and parity, not accuracy.
+QUICK_CALIBRATION_IMAGES = 32
 
 
 def _calibration(weights, coco128, size):
@@ -105,6 +106,10 @@ def _calibration(weights, coco128, size):
     return prepare_calibration(weights, target, coco128 / "images", size=size)
 
 
+def _runs_slow_tests(session) -> bool:
+    return any(item.get_closest_marker("slow") for item in session.items)
+
+
 @pytest.fixture(scope="session")
 def coco128_calibration(yolov5n_pt, coco128):
     """coco128 letterboxed for 640x640 engines (every image; the default size asks for 300)."""
@@ -112,9 +117,11 @@ def coco128_calibration(yolov5n_pt, coco128):
 
 
 @pytest.fixture(scope="session")
-def plumbing_calibration(yolov5n_pt, coco128):
-    """A seeded draw of 32 coco128 images: quick INT8 builds for tests that are not about accuracy."""
-    return _calibration(yolov5n_pt, coco128, PLUMBING_CALIBRATION_IMAGES)
+def int8_calibration(request, yolov5n_pt, coco128):
+    """The calibration every INT8 bundle of this session is built with (see QUICK_CALIBRATION_IMAGES)."""
+    if _runs_slow_tests(request.session):
+        return request.getfixturevalue("coco128_calibration")
+    return _calibration(yolov5n_pt, coco128, QUICK_CALIBRATION_IMAGES)
 
 
 def _build(weights, target, tmp_path_factory, calibration=None) -> Path:
@@ -124,15 +131,16 @@ def _build(weights, target, tmp_path_factory, calibration=None) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cpu_int8_bundle(yolov5n_pt, plumbing_calibration, tmp_path_factory) -> Path:
-    """cpu-int8 (the Q/DQ ONNX the NVIDIA int8 targets share) on the plumbing calibration, built once per session."""
-    return _build(yolov5n_pt, "cpu-int8", tmp_path_factory, plumbing_calibration)
+def cpu_int8_bundle(yolov5n_pt, int8_calibration, tmp_path_factory) -> Path:
+    """cpu-int8 (the Q/DQ ONNX the NVIDIA int8 targets share), built once per session."""
+    return _build(yolov5n_pt, "cpu-int8", tmp_path_factory, int8_calibration)
 
 
-@pytest.fixture(scope="session")
-def cpu_int8_accuracy_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
-    """cpu-int8 calibrated on all of coco128, as the README's accuracy table: for the slow full-set test."""
-    return _build(yolov5n_pt, "cpu-int8", tmp_path_factory, coco128_calibration)
+def assert_calibrated_on_coco128(bundle) -> None:
+    """Accuracy tests measure bundles calibrated as the README's table: on all 128 coco128 images."""
+    import json
+
+    assert json.loads((Path(bundle) / "manifest.json").read_text())["calibration"]["images"] == 128
 
 
 @pytest.fixture(scope="session")

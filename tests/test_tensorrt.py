@@ -189,16 +189,16 @@ def test_calibration_algorithms():
 
 # --------------------------------------------------------------------------- the portable bundle
 @pytest.fixture(scope="session")
-def jetson_int8_bundle(yolov5n_pt, plumbing_calibration, tmp_path_factory):
+def jetson_int8_bundle(yolov5n_pt, int8_calibration, tmp_path_factory):
     from edgeyolo.build import build_bundle
 
     if gpu_count():
         pytest.skip("a GPU is present: builds compile engines instead of portable bundles")
     out = tmp_path_factory.mktemp("trt") / "jetson-int8"
-    return build_bundle(yolov5n_pt, "jetson-int8", out, calibration=plumbing_calibration)
+    return build_bundle(yolov5n_pt, "jetson-int8", out, calibration=int8_calibration)
 
 
-def test_portable_int8_bundle_holds_the_qdq_graph_and_the_fp_graph(jetson_int8_bundle):
+def test_portable_int8_bundle_holds_the_qdq_graph_and_the_fp_graph(jetson_int8_bundle, int8_calibration):
     bundle = load_bundle(jetson_int8_bundle.path)
     backend = bundle.manifest["backend"]
     assert backend["name"] == "tensorrt" and backend["portable"] is True and backend["version"] is None
@@ -212,7 +212,7 @@ def test_portable_int8_bundle_holds_the_qdq_graph_and_the_fp_graph(jetson_int8_b
     fp = onnx.load(str(bundle.file("onnx_fp")))
     assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in fp.graph.node}
     calib = bundle.manifest["calibration"]
-    assert calib["images"] == 32 and calib["method"] and backend["quantization"]["method"] in calib["method"]
+    assert calib["images"] == len(int8_calibration) and calib["method"] and backend["quantization"]["method"] in calib["method"]
 
 
 def test_portable_fp16_bundle(yolov5n_pt, tmp_path):
@@ -274,14 +274,14 @@ def test_compile_plan_picks_the_graph_per_tensorrt_version(jetson_int8_bundle, t
     assert plan_compile(forced, "8.6.2", EngineCache([tmp_path / "none"])).mode == "int8-implicit"
 
 
-def test_implicit_calibration_reloads_the_bundles_images(jetson_int8_bundle):
+def test_implicit_calibration_reloads_the_bundles_images(jetson_int8_bundle, int8_calibration):
     """On the device, the calibration set is rebuilt from the manifest: same images, same letterbox."""
     from edgeyolo.backends.tensorrt import CompileJob, head_tensors, load_calibration_for
 
     job = CompileJob.from_bundle(load_bundle(jetson_int8_bundle.path))
     calibration = load_calibration_for(job, (1, 3, 640, 640))
     assert calibration.describe()["images_sha256"] == job.calibration_facts["images_sha256"]
-    assert len(CalibrationBatches(calibration, (1, 3, 640, 640))) == 32
+    assert len(CalibrationBatches(calibration, (1, 3, 640, 640))) == len(int8_calibration)
     tensors = head_tensors(onnx.load(str(job.fp_onnx)))
     assert "output0" in tensors and len(tensors) >= 3 + 12  # 3 conv outputs + reshape/transpose/sigmoid/concat
     with pytest.raises(EdgeYoloError, match="calibration images on this device"):
