@@ -13,12 +13,13 @@ from click.testing import CliRunner
 ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
+from conftest import assert_calibrated_on_coco128  # noqa: E402
+from detection_match import unmatched  # noqa: E402
+
 from edgeyolo.backends.openvino import compile_properties, decode_node_names  # noqa: E402
 from edgeyolo.build import build_bundle  # noqa: E402
 from edgeyolo.errors import EdgeYoloError  # noqa: E402
 from edgeyolo.runtime import load  # noqa: E402
-from conftest import assert_calibrated_on_coco128  # noqa: E402
-from detection_match import unmatched  # noqa: E402
 
 # Parity with cpu-fp32 on the sample images, each bound just above what was measured (same counts throughout):
 # FP32: boxes within 3e-4 px, scores within 1.6e-6 (float32 reordering only).

@@ -9,11 +9,17 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from edgeyolo.backends.trt.encoding import to_tensorrt_encoding
 from edgeyolo.bundle import load_bundle
 from edgeyolo.errors import EdgeYoloError
-from edgeyolo.backends.trt.encoding import to_tensorrt_encoding
 from edgeyolo.quantize import (
-    CalibrationReader, QuantizeSettings, clip_silu_inputs, coarse_nodes, largest_divisor, split_head, summarize_qdq,
+    CalibrationReader,
+    QuantizeSettings,
+    clip_silu_inputs,
+    coarse_nodes,
+    largest_divisor,
+    split_head,
+    summarize_qdq,
 )
 
 ort = pytest.importorskip("onnxruntime")

@@ -18,11 +18,22 @@ import pytest
 from click.testing import CliRunner
 
 from edgeyolo.backends.trt.cache import (
-    EngineCache, EngineKey, FileCache, calibration_cache, calibration_cache_key, resolve, timing_cache,
+    EngineCache,
+    EngineKey,
+    FileCache,
+    calibration_cache,
+    calibration_cache_key,
+    resolve,
+    timing_cache,
 )
 from edgeyolo.backends.trt.calibrator import CalibrationBatches, algorithm_for
 from edgeyolo.backends.trt.device import gpu_count
-from edgeyolo.backends.trt.options import TrtOptions, int8_mode, parse_version, workspace_bytes
+from edgeyolo.backends.trt.options import (
+    TrtOptions,
+    int8_mode,
+    parse_version,
+    workspace_bytes,
+)
 from edgeyolo.bundle import load_bundle
 from edgeyolo.errors import EdgeYoloError
 
@@ -276,7 +287,11 @@ def test_compile_plan_picks_the_graph_per_tensorrt_version(jetson_int8_bundle, t
 
 def test_implicit_calibration_reloads_the_bundles_images(jetson_int8_bundle, int8_calibration):
     """On the device, the calibration set is rebuilt from the manifest: same images, same letterbox."""
-    from edgeyolo.backends.tensorrt import CompileJob, head_tensors, load_calibration_for
+    from edgeyolo.backends.tensorrt import (
+        CompileJob,
+        head_tensors,
+        load_calibration_for,
+    )
 
     job = CompileJob.from_bundle(load_bundle(jetson_int8_bundle.path))
     calibration = load_calibration_for(job, (1, 3, 640, 640))

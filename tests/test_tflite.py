@@ -13,6 +13,9 @@ pytest.importorskip("ai_edge_litert")
 pytest.importorskip("onnx2tf")
 pytest.importorskip("tensorflow")
 
+from conftest import assert_calibrated_on_coco128  # noqa: E402
+from detection_match import unmatched  # noqa: E402
+
 from edgeyolo.backends.tflite import convert  # noqa: E402
 from edgeyolo.backends.tflite.engine import dequantize, quantize  # noqa: E402
 from edgeyolo.build import build_bundle  # noqa: E402
@@ -20,8 +23,6 @@ from edgeyolo.bundle import BundleWriter  # noqa: E402
 from edgeyolo.errors import EdgeYoloError  # noqa: E402
 from edgeyolo.runtime import load  # noqa: E402
 from edgeyolo.targets import Target, load_target  # noqa: E402
-from conftest import assert_calibrated_on_coco128  # noqa: E402
-from detection_match import unmatched  # noqa: E402
 
 # Parity with cpu-fp32 on the sample images, each bound just above what was measured (same counts throughout):
 # FP32: boxes within 2e-4 px, scores within 1.6e-6 (float32 reordering only).
