@@ -1,4 +1,8 @@
-"""Shared fixtures: the real files in ../shared/fixtures (skipped cleanly where absent) and built bundles."""
+"""Shared fixtures: the real files in ../shared/fixtures (skipped cleanly where absent) and built bundles.
+
+With ``EDGEYOLO_REQUIRE_FIXTURES=1`` (CI sets it) a missing fixture fails the test instead, so a broken
+path can never turn the suite into a green no-op.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("EDGEYOLO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+REQUIRE_FIXTURES = os.environ.get("EDGEYOLO_REQUIRE_FIXTURES", "") not in ("", "0")
 
 
 def fixture_path(*parts: str) -> Path:
     path = FIXTURES.joinpath(*parts)
     if not path.exists():
+        if REQUIRE_FIXTURES:
+            pytest.fail(f"fixture {path} missing (EDGEYOLO_REQUIRE_FIXTURES is set)", pytrace=False)
         pytest.skip(f"fixture {path} not present")
     return path
 
@@ -85,54 +92,119 @@ def cpu_fp32_bundle(yolov5n_pt, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def coco128_calibration(yolov5n_pt, coco128):
-    """coco128 letterboxed for 640x640 engines (every image; the default size asks for 300)."""
+# Every INT8 bundle of a session calibrates on one set: all 128 coco128 images when the session runs slow tests
+# (the full-set accuracy checks need them, and the plumbing tests then share those bundles), a seeded draw of 32
+# otherwise: the edit loop (-m "not slow") checks structure, manifests and parity, not accuracy.
+QUICK_CALIBRATION_IMAGES = 32
+
+
+def _calibration(weights, coco128, size):
     from edgeyolo.build import prepare_calibration
     from edgeyolo.targets import Target
 
     target = Target(name="test-int8", backend="onnxruntime", precision="int8")
-    return prepare_calibration(yolov5n_pt, target, coco128 / "images", size=128)
+    return prepare_calibration(weights, target, coco128 / "images", size=size)
+
+
+def _runs_slow_tests(session) -> bool:
+    return any(item.get_closest_marker("slow") for item in session.items)
 
 
 @pytest.fixture(scope="session")
-def cpu_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
-    """cpu-int8 (the Q/DQ ONNX the NVIDIA int8 targets share), calibrated on coco128, built once per session."""
+def coco128_calibration(yolov5n_pt, coco128):
+    """coco128 letterboxed for 640x640 engines (every image; the default size asks for 300)."""
+    return _calibration(yolov5n_pt, coco128, 128)
+
+
+@pytest.fixture(scope="session")
+def int8_calibration(request, yolov5n_pt, coco128):
+    """The calibration every INT8 bundle of this session is built with (see QUICK_CALIBRATION_IMAGES)."""
+    if _runs_slow_tests(request.session):
+        return request.getfixturevalue("coco128_calibration")
+    return _calibration(yolov5n_pt, coco128, QUICK_CALIBRATION_IMAGES)
+
+
+def _build(weights, target, tmp_path_factory, calibration=None) -> Path:
     from edgeyolo.build import build_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "cpu-int8"
-    build_bundle(yolov5n_pt, "cpu-int8", out, calibration=coco128_calibration)
-    return out
+    return build_bundle(weights, target, tmp_path_factory.mktemp("bundles") / target, calibration=calibration).path
+
+
+@pytest.fixture(scope="session")
+def cpu_int8_bundle(yolov5n_pt, int8_calibration, tmp_path_factory) -> Path:
+    """cpu-int8 (the Q/DQ ONNX the NVIDIA int8 targets share), built once per session."""
+    return _build(yolov5n_pt, "cpu-int8", tmp_path_factory, int8_calibration)
+
+
+def assert_calibrated_on_coco128(bundle) -> None:
+    """Accuracy tests measure bundles calibrated as the README's table: on all 128 coco128 images."""
+    import json
+
+    assert json.loads((Path(bundle) / "manifest.json").read_text())["calibration"]["images"] == 128
+
+
+@pytest.fixture(scope="session")
+def coco_val_dataset(coco_val):
+    """coco-val-500 read once (the reported set: evaluate on it, never tune on it)."""
+    from edgeyolo.datasets import load_dataset
+
+    return load_dataset(coco_val)
+
+
+@pytest.fixture(scope="session")
+def cpu_fp32_coco_val_result(cpu_fp32_bundle, coco_val_dataset):
+    """cpu-fp32 on all of coco-val-500, evaluated once: the reference every full-set accuracy test compares with."""
+    from edgeyolo.evaluate import evaluate
+    from edgeyolo.runtime import load
+
+    return evaluate(load(cpu_fp32_bundle), coco_val_dataset)
+
+
+@pytest.fixture(scope="session")
+def intel_fp16_bundle(yolov5n_pt, tmp_path_factory) -> Path:
+    """intel-cpu-fp16 (OpenVINO, FP16 weights), built once: test_openvino checks it, test_tflite compares arm-fp16."""
+    pytest.importorskip("openvino")
+    return _build(yolov5n_pt, "intel-cpu-fp16", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def exported_onnx(yolov5n_pt, tmp_path_factory):
+    """The 640x640 ONNX of each head ("decoded", "sigmoid"), exported once for every test that reads one."""
+    from edgeyolo.export import ExportOptions, export_onnx
+    from edgeyolo.model import load_model
+
+    model = load_model(yolov5n_pt).model
+    folder = tmp_path_factory.mktemp("onnx")
+    return {head: export_onnx(model, folder / f"{head}.onnx", ExportOptions(head=head)) for head in ("decoded", "sigmoid")}
 
 
 # Bundles of the other CPU backends, built once per session and shared by every module that uses them
 # (the backend's own tests and the thread-safety tests).
 @pytest.fixture(scope="session")
 def ov_fp32_bundle(yolov5n_pt, tmp_path_factory) -> Path:
-    from edgeyolo.build import build_bundle
-
-    out = tmp_path_factory.mktemp("ov") / "intel-cpu-fp32"
-    return build_bundle(yolov5n_pt, "intel-cpu-fp32", out).path
+    pytest.importorskip("openvino")
+    return _build(yolov5n_pt, "intel-cpu-fp32", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def ov_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
-    from edgeyolo.build import build_bundle
-
-    out = tmp_path_factory.mktemp("ov") / "intel-cpu-int8"
-    return build_bundle(yolov5n_pt, "intel-cpu-int8", out, calibration=coco128_calibration).path
+def ov_int8_bundle(yolov5n_pt, int8_calibration, tmp_path_factory) -> Path:
+    pytest.importorskip("nncf")
+    return _build(yolov5n_pt, "intel-cpu-int8", tmp_path_factory, int8_calibration)
 
 
 @pytest.fixture(scope="session")
 def arm_fp32_bundle(yolov5n_pt, tmp_path_factory) -> Path:
-    from edgeyolo.build import build_bundle
-
-    return build_bundle(yolov5n_pt, "arm-fp32", tmp_path_factory.mktemp("tflite") / "arm-fp32").path
+    pytest.importorskip("onnx2tf")
+    return _build(yolov5n_pt, "arm-fp32", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def arm_int8_bundle(yolov5n_pt, coco128_calibration, tmp_path_factory) -> Path:
-    from edgeyolo.build import build_bundle
+def arm_fp16_bundle(yolov5n_pt, tmp_path_factory) -> Path:
+    pytest.importorskip("onnx2tf")
+    return _build(yolov5n_pt, "arm-fp16", tmp_path_factory)
 
-    out = tmp_path_factory.mktemp("tflite") / "arm-int8"
-    return build_bundle(yolov5n_pt, "arm-int8", out, calibration=coco128_calibration).path
+
+@pytest.fixture(scope="session")
+def arm_int8_bundle(yolov5n_pt, int8_calibration, tmp_path_factory) -> Path:
+    pytest.importorskip("onnx2tf")
+    return _build(yolov5n_pt, "arm-int8", tmp_path_factory, int8_calibration)

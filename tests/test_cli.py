@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,11 +195,82 @@ def test_targets_and_info(cpu_fp32_bundle):
 
 
 def test_export_command(yolov5n_pt, tmp_path):
-    rc, _, stderr = run_cli("export", yolov5n_pt, "--imgsz", "320", "-o", tmp_path / "m.onnx")
-    assert rc == 0, stderr
+    """--head, --dynamic-batch, --opset and --imgsz all reach the file."""
+    import onnx
+    import onnxruntime as ort
+
     from edgeyolo.export import read_metadata
 
-    assert read_metadata(tmp_path / "m.onnx")["imgsz"] == [320, 320]
+    out = tmp_path / "m.onnx"
+    rc, _, stderr = run_cli("export", yolov5n_pt, "--imgsz", "320", "--head", "sigmoid", "--dynamic-batch",
+                            "--opset", "13", "-o", out)
+    assert rc == 0, stderr
+    meta = read_metadata(out)
+    assert meta["imgsz"] == [320, 320] and meta["head"] == "sigmoid" and meta["dynamic_batch"] == "true"
+    graph = onnx.load(str(out))
+    assert graph.opset_import[0].version == 13
+    batch, *rest = graph.graph.input[0].type.tensor_type.shape.dim
+    assert batch.dim_param and [d.dim_value for d in rest] == [3, 320, 320]
+    x = np.random.default_rng(0).random((2, 3, 320, 320), dtype=np.float32)
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    assert y.shape == (2, 6300, 85) and 0 <= y.min() and y.max() <= 1  # sigmoid head: no pixel coordinates
+
+
+def test_build_with_a_target_file_of_ones_own(yolov5n_pt, tmp_path):
+    """--target path/mine.toml: any TOML file is a target, its settings used as written."""
+    from edgeyolo.targets import targets_dir
+
+    mine = tmp_path / "mine.toml"
+    text = (targets_dir() / "cpu-fp32.toml").read_text()
+    mine.write_text(text.replace('name = "cpu-fp32"', 'name = "mine"').replace("imgsz = 640", "imgsz = [256, 320]"))
+    from click.testing import CliRunner
+
+    from edgeyolo.cli import cli
+
+    result = CliRunner().invoke(cli, ["build", str(yolov5n_pt), "--target", str(mine), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "mine" and manifest["input"]["shape"] == [1, 3, 256, 320]
+    assert manifest["preprocess"]["imgsz"] == [256, 320]
+    assert_one_line_error(*run_cli("build", yolov5n_pt, "--target", tmp_path / "nowhere.toml", "-o", tmp_path / "c"),
+                          "no such target file")
+
+
+def test_detect_glob_with_conf_and_iou(cpu_fp32_bundle, sample_images, tmp_path):
+    """A glob pattern expands to its files; --conf and --iou reach NMS (both differ from the defaults here)."""
+    import edgeyolo
+
+    pattern = str(sample_images[0].parent / "*.jpg")
+    rc, stdout, stderr = run_cli("detect", cpu_fp32_bundle, pattern, "--json", "--conf", "0.1", "--iou", "0.9")
+    assert rc == 0, stderr
+    results = json.loads(stdout)
+    assert [Path(r["source"]).name for r in results] == ["bus.jpg", "zidane.jpg"]
+    detector = edgeyolo.load(cpu_fp32_bundle)
+    for result, image in zip(results, sample_images):
+        expected = detector.detect(image, conf=0.1, iou=0.9).to_list()
+        assert result["detections"] == expected
+        assert len(expected) > len(detector.detect(image, conf=0.1)) > len(detector.detect(image))
+    assert_one_line_error(*run_cli("detect", cpu_fp32_bundle, str(tmp_path / "*.jpg")), "matches no files")
+
+
+def test_eval_weights_per_class(yolov5n_pt, cpu_fp32_bundle, small_dataset):
+    """eval WEIGHTS builds (once, cached) the cpu-fp32 reference; --per-class adds AP per class."""
+    from click.testing import CliRunner
+
+    import edgeyolo
+    from edgeyolo.cli import cli
+    from edgeyolo.datasets import load_dataset
+    from edgeyolo.evaluate import evaluate
+
+    result = CliRunner().invoke(cli, ["eval", str(yolov5n_pt), "--data", str(small_dataset), "--per-class", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    expected = evaluate(edgeyolo.load(cpu_fp32_bundle), load_dataset(small_dataset), per_class=True)
+    assert got["map50_95"] == pytest.approx(expected.map50_95, abs=1e-9) and got["images"] == 5
+    assert got["per_class"] == pytest.approx(expected.per_class, abs=1e-9) and "person" in got["per_class"]
+    table = CliRunner().invoke(cli, ["eval", str(cpu_fp32_bundle), "--data", str(small_dataset), "--per-class"])
+    assert table.exit_code == 0 and "AP50-95" in table.stdout
+    assert f"{expected.per_class['person'] * 100:.2f}" in table.stdout
 
 
 def test_compare_json(cpu_fp32_bundle, small_dataset):
@@ -212,9 +284,14 @@ def test_compare_json(cpu_fp32_bundle, small_dataset):
 
 
 def test_bench_process_never_imports_torch(cpu_fp32_bundle):
+    """The whole bench command, run in-process, finishes (exit 0, a result) with torch never imported."""
     code = ("import sys\nfrom edgeyolo.cli import cli\n"
             f"sys.argv = ['edgeyolo', 'bench', {str(cpu_fp32_bundle)!r}, '--iters', '2', '--warmup', '0', '--json']\n"
-            "try:\n    cli()\nexcept SystemExit:\n    pass\n"
-            "print('TORCH', 'torch' in sys.modules)\n")
+            "try:\n    cli()\nexcept SystemExit as done:\n    status = done.code\nelse:\n    status = 'returned'\n"
+            "print('EXIT', status, 'TORCH', 'torch' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "TORCH False" in result.stdout, result.stderr
+    assert result.returncode == 0, result.stderr
+    report, _, verdict = result.stdout.rpartition("EXIT")
+    assert verdict.split() in (["0", "TORCH", "False"], ["None", "TORCH", "False"]), result.stdout + result.stderr
+    bench = json.loads(report)
+    assert bench["iters"] == 2 and bench["fps"] > 0 and bench["backend"] == "onnxruntime"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 import edgeyolo
@@ -17,13 +18,54 @@ def detector(cpu_fp32_bundle):
     return edgeyolo.load(cpu_fp32_bundle)
 
 
-def test_cpu_fp32_matches_upstream_map_on_coco_val_500(detector, coco_val, expected_dir):
+@pytest.mark.slow
+def test_cpu_fp32_matches_upstream_map_on_coco_val_500(cpu_fp32_coco_val_result, expected_dir):
+    """Measured: 24.48 / 40.82 vs upstream's 24.44 / 40.83 (upstream's val.py rescales boxes by the rounded height's
+    gain, we by the true ratio: 0.1 px on upscaled images). 0.1 point bounds that and nothing more."""
     upstream = json.loads((expected_dir / "val_yolov5n_upstream.json").read_text())
-    result = evaluate(detector, load_dataset(coco_val))
+    result = cpu_fp32_coco_val_result
     assert result.images == upstream["images"] == 500
     assert result.boxes == upstream["boxes"]
-    assert abs(result.map50_95 - upstream["coco_metric"]["map50_95"]) * 100 <= 0.3
-    assert abs(result.map50 - upstream["coco_metric"]["map50"]) * 100 <= 0.3
+    assert abs(result.map50_95 - upstream["coco_metric"]["map50_95"]) * 100 <= 0.1
+    assert abs(result.map50 - upstream["coco_metric"]["map50"]) * 100 <= 0.1
+
+
+# Upstream's predictions are rounded to 3 decimals (px) and 5 (scores); ours match them within 1.9e-3 px and
+# 5.5e-6 on the images below. Scores under 0.01 are left out: at the 300-box cut ties may fall either way.
+PRED_BOX_TOL_PX, PRED_SCORE_TOL, PRED_MIN_SCORE, PRED_IMAGES = 5e-3, 2e-5, 0.01, 20
+
+
+def test_predictions_equal_upstream_val_per_image(detector, coco_val_dataset, expected_dir):
+    """The fast form of the mAP check: val.py's own predictions, box for box, on images it does not rescale.
+
+    Images whose long side is already 640 px go through both letterboxes unresized, so upstream's gain quirk
+    (above) does not apply and the boxes must agree to rounding.
+    """
+    from edgeyolo.evaluate import VAL_CONF, VAL_IOU, VAL_MAX_DET
+    from edgeyolo.runtime import read_image
+
+    upstream = {}
+    for p in json.loads((expected_dir / "val_yolov5n_upstream_predictions.json").read_text()):
+        if p["score"] >= PRED_MIN_SCORE:
+            upstream.setdefault(p["image_id"], []).append(p)
+    checked = boxes = 0
+    for sample in coco_val_dataset.samples:
+        image = read_image(sample.image)
+        if max(image.shape[:2]) != 640:
+            continue
+        dets = detector.detect(image, conf=VAL_CONF, iou=VAL_IOU, max_det=VAL_MAX_DET, multi_label=True)
+        dets = dets[dets.confidence >= PRED_MIN_SCORE]
+        expected = upstream.get(int(sample.image.stem), [])
+        assert len(dets) == len(expected), sample.image.name
+        xywh = np.concatenate([dets.xyxy[:, :2], dets.xyxy[:, 2:] - dets.xyxy[:, :2]], axis=1)
+        for ref in expected:
+            same = (dets.class_id == ref["category_id"]) & (np.abs(dets.confidence - ref["score"]) <= PRED_SCORE_TOL)
+            assert same.any() and np.abs(xywh[same] - ref["bbox"]).max(axis=1).min() <= PRED_BOX_TOL_PX, (
+                sample.image.name, ref)
+        checked, boxes = checked + 1, boxes + len(expected)
+        if checked == PRED_IMAGES:
+            break
+    assert checked == PRED_IMAGES and boxes > 1000
 
 
 @pytest.fixture(scope="module")

@@ -13,29 +13,26 @@ from click.testing import CliRunner
 ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
+from conftest import assert_calibrated_on_coco128  # noqa: E402
+from detection_match import unmatched  # noqa: E402
+
 from edgeyolo.backends.openvino import compile_properties, decode_node_names  # noqa: E402
 from edgeyolo.build import build_bundle  # noqa: E402
 from edgeyolo.errors import EdgeYoloError  # noqa: E402
 from edgeyolo.runtime import load  # noqa: E402
-from detection_match import iou
 
-# INT8 parity, stated: every cpu-fp32 detection scoring >= 0.5 on the sample images is found
-# by intel-cpu-int8 with the same class, IoU >= 0.9 and a score within 0.1.
-INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.9, 0.1
+# Parity with cpu-fp32 on the sample images, each bound just above what was measured (same counts throughout):
+# FP32: boxes within 3e-4 px, scores within 1.6e-6 (float32 reordering only).
+FP32_BOX_PX, FP32_SCORE = 2e-3, 1e-5
+# FP16 weights (compute stays f32 on CPU): IoU >= 0.9955, boxes within 0.19 px, scores within 2.3e-3.
+FP16_IOU, FP16_BOX_PX, FP16_SCORE = 0.99, 0.4, 5e-3
+# INT8 (NNCF), detections scoring >= 0.5: IoU >= 0.963, scores within 0.035 calibrated on all 128 coco128
+# images; 0.949 and 0.036 on the edit loop's 32 (conftest.QUICK_CALIBRATION_IMAGES).
+INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.93, 0.05
+# FP16 accuracy on coco-val-500: measured +0.01 mAP50-95 points vs cpu-fp32.
+FP16_MAX_MAP_DIFF_POINTS = 0.1
 
 
-def unmatched(reference, candidate, min_iou: float, score_tol: float, min_score: float = 0.0) -> list:
-    """Reference detections (score >= min_score) with no same-class candidate at min_iou and score_tol."""
-    missing = []
-    for box, score, cls in zip(reference.xyxy, reference.confidence, reference.class_id):
-        if score < min_score:
-            continue
-        same = candidate.class_id == cls
-        ious = iou(box, candidate.xyxy[same]) if same.any() else np.zeros(0)
-        best = int(np.argmax(ious)) if len(ious) else -1
-        if best < 0 or ious[best] < min_iou or abs(candidate.confidence[same][best] - score) > score_tol:
-            missing.append((int(cls), float(score), float(ious[best]) if best >= 0 else 0.0))
-    return missing
 
 
 # --------------------------------------------------------------------------- parity
@@ -45,7 +42,7 @@ def test_fp32_matches_cpu_fp32(cpu_fp32_bundle, ov_fp32_bundle, images):
     for image in images:
         ref, got = reference.detect(image), candidate.detect(image)
         assert len(ref) == len(got) > 0
-        assert unmatched(ref, got, min_iou=0.99, score_tol=1e-3) == []
+        assert unmatched(ref, got, box_tol_px=FP32_BOX_PX, score_tol=FP32_SCORE) == []
 
 
 def test_int8_matches_cpu_fp32_within_stated_tolerance(cpu_fp32_bundle, ov_int8_bundle, images):
@@ -53,7 +50,7 @@ def test_int8_matches_cpu_fp32_within_stated_tolerance(cpu_fp32_bundle, ov_int8_
     for image in images:
         ref, got = reference.detect(image), candidate.detect(image)
         assert (ref.confidence >= INT8_MIN_SCORE).any()
-        assert unmatched(ref, got, INT8_IOU, INT8_SCORE_TOL, INT8_MIN_SCORE) == []
+        assert unmatched(ref, got, min_iou=INT8_IOU, score_tol=INT8_SCORE_TOL, min_score=INT8_MIN_SCORE) == []
 
 
 def test_int8_is_really_quantized(ov_int8_bundle, ov_fp32_bundle):
@@ -66,50 +63,55 @@ def test_int8_is_really_quantized(ov_int8_bundle, ov_fp32_bundle):
     assert manifest["backend"]["nncf_version"]
 
 
-def test_int8_manifest_records_calibration(ov_int8_bundle, coco128_calibration):
+def test_int8_manifest_records_calibration(ov_int8_bundle, int8_calibration):
     manifest = json.loads((ov_int8_bundle / "manifest.json").read_text())
     calib = manifest["calibration"]
     assert calib["method"] == "nncf-ptq-mixed-histogram-fast-bias-correction"
-    assert calib["images"] == 128 and calib["skipped"] == 0
-    assert calib["images_sha256"] == coco128_calibration.describe()["images_sha256"]
+    assert calib["images"] == len(int8_calibration) and calib["skipped"] == 0
+    assert calib["images_sha256"] == int8_calibration.describe()["images_sha256"]
     assert calib["preprocess"] == manifest["preprocess"]
     assert manifest["backend"]["options"]["preset"] == "mixed"
 
 
 @pytest.mark.slow
-def test_int8_accuracy_within_half_a_point_of_cpu_fp32(cpu_fp32_bundle, ov_int8_bundle, coco_val):
+def test_int8_accuracy_within_half_a_point_of_cpu_fp32(cpu_fp32_coco_val_result, ov_int8_bundle,
+                                                       coco_val_dataset):
     """The issue's bar on coco-val-500, calibrated on coco128 (disjoint sets)."""
-    from edgeyolo.datasets import load_dataset
     from edgeyolo.evaluate import evaluate
 
-    dataset = load_dataset(coco_val)
-    reference = evaluate(load(cpu_fp32_bundle), dataset)
-    int8 = evaluate(load(ov_int8_bundle), dataset)
+    reference = cpu_fp32_coco_val_result
+    assert_calibrated_on_coco128(ov_int8_bundle)
+    int8 = evaluate(load(ov_int8_bundle), coco_val_dataset)
     drop = (reference.map50_95 - int8.map50_95) * 100
     print(f"cpu-fp32 {reference.map50_95 * 100:.2f}  intel-cpu-int8 {int8.map50_95 * 100:.2f}  drop {drop:.2f}")
     assert drop <= 0.5
 
 
 # --------------------------------------------------------------------------- FP16
-def test_fp16_halves_the_weights_and_keeps_detections(yolov5n_pt, cpu_fp32_bundle, ov_fp32_bundle, images, tmp_path):
-    bundle = build_bundle(yolov5n_pt, "intel-cpu-fp16", tmp_path / "fp16").path
-    ratio = (bundle / "model.bin").stat().st_size / (ov_fp32_bundle / "model.bin").stat().st_size
+def test_fp16_halves_the_weights_and_keeps_detections(intel_fp16_bundle, cpu_fp32_bundle, ov_fp32_bundle, images):
+    ratio = (intel_fp16_bundle / "model.bin").stat().st_size / (ov_fp32_bundle / "model.bin").stat().st_size
     assert 0.45 < ratio < 0.55
-    reference, candidate = load(cpu_fp32_bundle), load(bundle)
+    reference, candidate = load(cpu_fp32_bundle), load(intel_fp16_bundle)
     for image in images:
         ref, got = reference.detect(image), candidate.detect(image)
         assert len(ref) == len(got)
-        assert unmatched(ref, got, min_iou=0.98, score_tol=5e-3) == []
+        assert unmatched(ref, got, min_iou=FP16_IOU, box_tol_px=FP16_BOX_PX, score_tol=FP16_SCORE) == []
+
+
+@pytest.mark.slow
+def test_fp16_accuracy_equals_fp32(cpu_fp32_coco_val_result, intel_fp16_bundle, coco_val_dataset):
+    """The README's FP16 rows on coco-val-500 (arm-fp16 computes the same as this: see test_tflite)."""
+    from edgeyolo.evaluate import evaluate
+
+    fp16 = evaluate(load(intel_fp16_bundle), coco_val_dataset)
+    print(f"cpu-fp32 {cpu_fp32_coco_val_result.map50_95 * 100:.2f}  intel-cpu-fp16 {fp16.map50_95 * 100:.2f}")
+    assert abs(fp16.map50_95 - cpu_fp32_coco_val_result.map50_95) * 100 <= FP16_MAX_MAP_DIFF_POINTS
 
 
 # --------------------------------------------------------------------------- decode kept out of INT8
-def test_decode_nodes_are_exactly_the_head_decode(yolov5n_pt, tmp_path):
-    from edgeyolo.export import ExportOptions, export_onnx
-    from edgeyolo.model import load_model
-
-    model = load_model(yolov5n_pt).model
-    decoded = ov.convert_model(str(export_onnx(model, tmp_path / "d.onnx", ExportOptions(head="decoded"))))
-    sigmoid = ov.convert_model(str(export_onnx(model, tmp_path / "s.onnx", ExportOptions(head="sigmoid"))))
+def test_decode_nodes_are_exactly_the_head_decode(exported_onnx):
+    decoded = ov.convert_model(str(exported_onnx["decoded"]))
+    sigmoid = ov.convert_model(str(exported_onnx["sigmoid"]))
     names = set(decode_node_names(decoded))
     ops = {op.get_friendly_name(): op.get_type_name() for op in decoded.get_ordered_ops()}
     final = decoded.get_results()[0].input_value(0).get_node().get_friendly_name()

@@ -9,11 +9,17 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from edgeyolo.backends.trt.encoding import to_tensorrt_encoding
 from edgeyolo.bundle import load_bundle
 from edgeyolo.errors import EdgeYoloError
-from edgeyolo.backends.trt.encoding import to_tensorrt_encoding
 from edgeyolo.quantize import (
-    CalibrationReader, QuantizeSettings, clip_silu_inputs, coarse_nodes, largest_divisor, split_head, summarize_qdq,
+    CalibrationReader,
+    QuantizeSettings,
+    clip_silu_inputs,
+    coarse_nodes,
+    largest_divisor,
+    split_head,
+    summarize_qdq,
 )
 
 ort = pytest.importorskip("onnxruntime")
@@ -22,12 +28,8 @@ MAX_DROP_POINTS = 1.0  # the issue's bound for cpu-int8 vs cpu-fp32 (mAP50-95, c
 
 
 @pytest.fixture(scope="session")
-def sigmoid_onnx(yolov5n_pt, tmp_path_factory):
-    from edgeyolo.export import ExportOptions, export_onnx
-    from edgeyolo.model import load_model
-
-    out = tmp_path_factory.mktemp("qdq") / "sigmoid.onnx"
-    return export_onnx(load_model(yolov5n_pt).model, out, ExportOptions(head="sigmoid"))
+def sigmoid_onnx(exported_onnx):
+    return exported_onnx["sigmoid"]
 
 
 @pytest.fixture(scope="session")
@@ -148,11 +150,11 @@ def test_head_stays_in_float(qdq_model):
     assert _producers(qdq_model)["output0"].op_type == "Concat"
 
 
-def test_manifest_records_the_quantisation(cpu_int8_bundle):
+def test_manifest_records_the_quantisation(cpu_int8_bundle, int8_calibration):
     manifest = load_bundle(cpu_int8_bundle).manifest
     facts = manifest["backend"]["quantization"]
     assert facts["format"] == "QDQ" and facts["weights"] == "int8 symmetric per-channel"
-    assert facts["quantized_nodes"] > 100 and facts["images"] == 128
+    assert facts["quantized_nodes"] > 100 and facts["images"] == len(int8_calibration)
     assert manifest["calibration"]["method"].startswith(facts["method"])
     assert manifest["output"]["head"] == "sigmoid"
 
@@ -208,14 +210,34 @@ def test_asymmetric_activations_are_refused_for_tensorrt():
 
 
 # --------------------------------------------------------------------------- accuracy
+# Measured vs cpu-fp32 on the sample images, detections scoring >= 0.5: IoU >= 0.967, scores within 0.147 when
+# calibrated on all 128 coco128 images; 0.976 and 0.130 on the edit loop's 32.
+INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.95, 0.17
+
+
+def test_cpu_int8_matches_cpu_fp32_within_stated_tolerance(cpu_fp32_bundle, cpu_int8_bundle, images):
+    from detection_match import unmatched
+
+    from edgeyolo.runtime import load
+
+    reference, candidate = load(cpu_fp32_bundle), load(cpu_int8_bundle)
+    for image in images:
+        ref, got = reference.detect(image), candidate.detect(image)
+        assert (ref.confidence >= INT8_MIN_SCORE).any()
+        assert unmatched(ref, got, min_iou=INT8_IOU, score_tol=INT8_SCORE_TOL, min_score=INT8_MIN_SCORE) == []
+
+
 @pytest.mark.slow
-def test_cpu_int8_accuracy_within_one_point_of_fp32(cpu_int8_bundle, coco_val, expected_dir):
-    """cpu-int8 on the full coco-val-500 vs the FP32 figure (upstream val.py on the same set = our cpu-fp32)."""
-    from edgeyolo.datasets import load_dataset
+def test_cpu_int8_accuracy_within_one_point_of_fp32(cpu_int8_bundle, coco_val_dataset, expected_dir):
+    """cpu-int8 (calibrated on all of coco128) on the full coco-val-500 vs the FP32 figure (upstream val.py on the
+    same set = our cpu-fp32)."""
+    from conftest import assert_calibrated_on_coco128
+
     from edgeyolo.evaluate import evaluate
     from edgeyolo.runtime import load
 
     reference = json.loads((expected_dir / "val_yolov5n_upstream.json").read_text())["coco_metric"]["map50_95"]
-    result = evaluate(load(cpu_int8_bundle), load_dataset(coco_val))
+    assert_calibrated_on_coco128(cpu_int8_bundle)
+    result = evaluate(load(cpu_int8_bundle), coco_val_dataset)
     drop = (reference - result.map50_95) * 100
     assert drop <= MAX_DROP_POINTS, f"cpu-int8 mAP50-95 {result.map50_95:.4f} vs fp32 {reference:.4f}"

@@ -14,26 +14,22 @@ import edgeyolo
 from edgeyolo.runtime.postprocess import nms, non_max_suppression
 from edgeyolo.runtime.preprocess import LetterboxSettings, letterbox
 
-
-def _iou(a, b):
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+# Measured: our cpu-fp32 boxes sit within 2.5e-4 px of upstream detect.py's (PyTorch) and its scores
+# within 6e-7; the bounds below leave float32 noise across CPUs and ONNX Runtime builds, nothing more.
+# (IoU >= 0.95 would hide boxes left unclipped by tens of pixels.)
+UPSTREAM_BOX_TOL_PX, UPSTREAM_SCORE_TOL = 1e-3, 1e-5
 
 
 def assert_matches_upstream(dets, upstream: list[dict]):
-    """Same classes; every upstream box matched at IoU >= 0.95 with score within 0.01."""
+    """Same detections as upstream, one for one: same class, box corners and score within float32 noise."""
     assert sorted(dets.class_id.tolist()) == sorted(d["class_id"] for d in upstream)
+    unused = set(range(len(dets)))
     for ref in upstream:
-        candidates = [
-            (float(_iou(box, ref["xyxy"])), float(score))
-            for box, score, cls in zip(dets.xyxy, dets.confidence, dets.class_id)
-            if cls == ref["class_id"]
-        ]
-        iou, score = max(candidates)
-        assert iou >= 0.95, (ref, candidates)
-        assert abs(score - ref["score"]) <= 0.01, (ref, candidates)
+        close = [i for i in unused if dets.class_id[i] == ref["class_id"]
+                 and np.abs(dets.xyxy[i] - ref["xyxy"]).max() <= UPSTREAM_BOX_TOL_PX
+                 and abs(dets.confidence[i] - ref["score"]) <= UPSTREAM_SCORE_TOL]
+        assert close, (ref, dets.to_list())
+        unused.remove(close[0])
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +74,20 @@ def test_letterbox_matches_upstream_geometry(sample_images, expected_dir):
     assert (boxed[:, :80] == 114).all() and (boxed[:, -80:] == 114).all()
 
 
+def test_detect_honours_conf_and_max_det(detector, images):
+    """Every kept score passes ``conf`` (objectness x class probability); ``max_det`` keeps the best ones."""
+    bus = images[0]
+    loose, strict = detector.detect(bus, conf=0.04), detector.detect(bus, conf=0.05)
+    assert (loose.confidence <= 0.05).any(), "the image must have scores between the two thresholds"
+    assert (strict.confidence > 0.05).all()
+    # a lower threshold only adds boxes: greedy NMS never lets a weaker box suppress a stronger one
+    np.testing.assert_array_equal(loose[loose.confidence > 0.05].xyxy, strict.xyxy)
+    best_two = detector.detect(bus, conf=0.05, max_det=2)
+    assert len(best_two) == 2 < len(strict)
+    np.testing.assert_array_equal(best_two.xyxy, strict.xyxy[:2])
+    assert len(detector.detect(bus, conf=0.05, max_det=1, multi_label=True)) == 1
+
+
 def test_every_input_kind_gives_the_same_detections(detector, sample_images):
     from PIL import Image
 
@@ -87,12 +97,16 @@ def test_every_input_kind_gives_the_same_detections(detector, sample_images):
     by_str = detector.detect(str(path))
     by_array = detector.detect(bgr)
     by_pil = detector.detect(Image.open(path))
-    for other in (by_str, by_array, by_pil):
-        np.testing.assert_allclose(other.xyxy, by_path.xyxy, atol=0.5)
+    for other in (by_str, by_array):  # the same pixels: the same boxes, bit for bit
+        np.testing.assert_array_equal(other.xyxy, by_path.xyxy)
         np.testing.assert_array_equal(other.class_id, by_path.class_id)
+    # PIL decodes the JPEG with its own libjpeg: pixels differ by a level or two, boxes by a fraction of a pixel
+    np.testing.assert_allclose(by_pil.xyxy, by_path.xyxy, atol=0.5)
+    np.testing.assert_array_equal(by_pil.class_id, by_path.class_id)
     listed = detector.detect([path, bgr])
     assert isinstance(listed, list) and len(listed) == 2
-    np.testing.assert_allclose(listed[1].xyxy, by_path.xyxy, atol=0.5)
+    np.testing.assert_array_equal(listed[0].xyxy, by_path.xyxy)
+    np.testing.assert_array_equal(listed[1].xyxy, by_path.xyxy)
 
 
 def test_grayscale_rgba_and_16bit_images(detector, sample_images, tmp_path):
@@ -101,9 +115,10 @@ def test_grayscale_rgba_and_16bit_images(detector, sample_images, tmp_path):
     bgra = cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA)
     deep = bgr.astype(np.uint16) * 257
     reference = detector.detect(bgr)
-    for variant in (bgra, deep):
+    for variant in (bgra, deep):  # alpha dropped, 16 bits scaled down: the very same pixels
         dets = detector.detect(variant)
-        np.testing.assert_allclose(dets.xyxy, reference.xyxy, atol=1.0)
+        np.testing.assert_array_equal(dets.xyxy, reference.xyxy)
+        np.testing.assert_array_equal(dets.confidence, reference.confidence)
     for name, image in (("gray.png", gray), ("rgba.png", bgra), ("deep.png", deep)):
         cv2.imwrite(str(tmp_path / name), image)
         dets = detector.detect(tmp_path / name)
@@ -117,9 +132,14 @@ def test_detections_value_type(detector, sample_images):
     assert "person" in str(dets)
     items = json.loads(dets.to_json())
     assert items[0]["class_name"] == "person" and len(items[0]["xyxy"]) == 4
-    strong = dets[dets.confidence > 0.6]
-    assert 0 < len(strong) < len(dets) or len(strong) == len(dets)
-    assert all(s > 0.6 for s in strong.confidence)
+    mask = dets.confidence > 0.6
+    strong = dets[mask]
+    assert 0 < len(strong) < len(dets)  # bus.jpg has detections on both sides of 0.6
+    assert (strong.confidence > 0.6).all() and strong.names == dets.names and strong.image_hw == dets.image_hw
+    np.testing.assert_array_equal(strong.xyxy, dets.xyxy[mask])
+    np.testing.assert_array_equal(strong.class_id, dets.class_id[mask])
+    first = dets[0]
+    assert len(first) == 1 and first.confidence[0] == dets.confidence.max()  # best first
     image = cv2.imread(str(sample_images[0]))
     drawn = dets.draw(image)
     assert drawn.shape == image.shape and not np.array_equal(drawn, image)

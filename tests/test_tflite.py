@@ -13,6 +13,9 @@ pytest.importorskip("ai_edge_litert")
 pytest.importorskip("onnx2tf")
 pytest.importorskip("tensorflow")
 
+from conftest import assert_calibrated_on_coco128  # noqa: E402
+from detection_match import unmatched  # noqa: E402
+
 from edgeyolo.backends.tflite import convert  # noqa: E402
 from edgeyolo.backends.tflite.engine import dequantize, quantize  # noqa: E402
 from edgeyolo.build import build_bundle  # noqa: E402
@@ -20,29 +23,22 @@ from edgeyolo.bundle import BundleWriter  # noqa: E402
 from edgeyolo.errors import EdgeYoloError  # noqa: E402
 from edgeyolo.runtime import load  # noqa: E402
 from edgeyolo.targets import Target, load_target  # noqa: E402
-from detection_match import iou
 
-# FP32/FP16 parity: every cpu-fp32 detection matched with the same class, IoU >= 0.99, score within 0.01.
-FLOAT_IOU, FLOAT_SCORE_TOL = 0.99, 0.01
-# INT8 parity, stated: every cpu-fp32 detection scoring >= 0.5 on the sample images is found by
-# arm-int8 with the same class, IoU >= 0.9 and a score within 0.1.
-INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.9, 0.1
+# Parity with cpu-fp32 on the sample images, each bound just above what was measured (same counts throughout):
+# FP32: boxes within 2e-4 px, scores within 1.6e-6 (float32 reordering only).
+FP32_BOX_PX, FP32_SCORE = 2e-3, 1e-5
+# FP16 weights (XNNPACK computes in f32 here): IoU >= 0.9955, boxes within 0.19 px, scores within 2.3e-3.
+FP16_IOU, FP16_BOX_PX, FP16_SCORE = 0.99, 0.4, 5e-3
+# Full-integer INT8, detections scoring >= 0.5: IoU >= 0.949, scores within 0.056 calibrated on all 128 coco128
+# images; 0.940 and 0.056 on the edit loop's 32 (conftest.QUICK_CALIBRATION_IMAGES).
+INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.92, 0.075
 # The issue's bar on coco-val-500 (calibrated on coco128): within 1.0 mAP50-95 point of cpu-fp32.
 INT8_MAX_DROP = 1.0
+# arm-fp16 vs intel-cpu-fp16 at the evaluation settings (scores >= 0.01, first 10 coco-val-500 images):
+# measured within 2e-3 px and 3.7e-6.
+ARM_VS_INTEL_IMAGES, ARM_VS_INTEL_BOX_PX, ARM_VS_INTEL_SCORE = 10, 1e-2, 2e-5
 
 
-def unmatched(reference, candidate, min_iou: float, score_tol: float, min_score: float = 0.0) -> list:
-    """Reference detections (score >= min_score) with no same-class candidate at min_iou and score_tol."""
-    missing = []
-    for box, score, cls in zip(reference.xyxy, reference.confidence, reference.class_id):
-        if score < min_score:
-            continue
-        same = candidate.class_id == cls
-        ious = iou(box, candidate.xyxy[same]) if same.any() else np.zeros(0)
-        close = np.abs(candidate.confidence[same] - score) <= score_tol
-        if not np.any((ious >= min_iou) & close):
-            missing.append((int(cls), float(score), box.round(1).tolist()))
-    return missing
 
 
 def test_fp32_matches_cpu_fp32(cpu_fp32_bundle, arm_fp32_bundle, images):
@@ -51,17 +47,17 @@ def test_fp32_matches_cpu_fp32(cpu_fp32_bundle, arm_fp32_bundle, images):
     for image in images:
         expected, got = reference.detect(image), arm.detect(image)
         assert len(got) == len(expected) >= 3
-        assert unmatched(expected, got, FLOAT_IOU, FLOAT_SCORE_TOL) == []
+        assert unmatched(expected, got, box_tol_px=FP32_BOX_PX, score_tol=FP32_SCORE) == []
 
 
 def test_int8_matches_cpu_fp32_within_stated_tolerance(cpu_fp32_bundle, arm_int8_bundle, images):
     reference, arm = load(cpu_fp32_bundle), load(arm_int8_bundle)
     for image in images:
         expected, got = reference.detect(image), arm.detect(image)
-        assert unmatched(expected, got, INT8_IOU, INT8_SCORE_TOL, INT8_MIN_SCORE) == []
+        assert unmatched(expected, got, min_iou=INT8_IOU, score_tol=INT8_SCORE_TOL, min_score=INT8_MIN_SCORE) == []
 
 
-def test_int8_is_full_integer_with_a_sigmoid_head(arm_int8_bundle, coco128_calibration):
+def test_int8_is_full_integer_with_a_sigmoid_head(arm_int8_bundle, int8_calibration):
     from ai_edge_litert.interpreter import Interpreter
 
     detector = load(arm_int8_bundle)
@@ -71,7 +67,7 @@ def test_int8_is_full_integer_with_a_sigmoid_head(arm_int8_bundle, coco128_calib
     assert manifest["input"]["quantization"]["scale"] == pytest.approx(1 / 255)
     assert manifest["output"]["head"] == "sigmoid" and manifest["output"]["tensor_dtype"] == "int8"
     assert manifest["calibration"]["method"] == convert.CALIBRATION_METHOD
-    assert manifest["calibration"]["images"] == len(coco128_calibration)
+    assert manifest["calibration"]["images"] == len(int8_calibration)
     interpreter = Interpreter(model_path=str(detector.bundle.file("engine")))
     dtypes = {np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
     assert "float32" not in dtypes, "full-integer models have no float tensors"
@@ -79,25 +75,43 @@ def test_int8_is_full_integer_with_a_sigmoid_head(arm_int8_bundle, coco128_calib
 
 
 @pytest.mark.slow
-def test_int8_accuracy_within_a_point_of_cpu_fp32(cpu_fp32_bundle, arm_int8_bundle, coco_val):
-    from edgeyolo.datasets import load_dataset
+def test_int8_accuracy_within_a_point_of_cpu_fp32(cpu_fp32_coco_val_result, arm_int8_bundle,
+                                                  coco_val_dataset):
     from edgeyolo.evaluate import evaluate
 
-    dataset = load_dataset(coco_val)
-    reference = evaluate(load(cpu_fp32_bundle), dataset)
-    int8 = evaluate(load(arm_int8_bundle), dataset)
+    reference = cpu_fp32_coco_val_result
+    assert_calibrated_on_coco128(arm_int8_bundle)
+    int8 = evaluate(load(arm_int8_bundle), coco_val_dataset)
     drop = (reference.map50_95 - int8.map50_95) * 100
     print(f"cpu-fp32 {reference.map50_95 * 100:.2f}  arm-int8 {int8.map50_95 * 100:.2f}  drop {drop:.2f}")
     assert drop <= INT8_MAX_DROP
 
 
-def test_fp16_halves_the_file_and_keeps_detections(yolov5n_pt, cpu_fp32_bundle, arm_fp32_bundle, images, tmp_path):
-    fp16 = build_bundle(yolov5n_pt, "arm-fp16", tmp_path / "arm-fp16")
+@pytest.mark.slow  # a second onnx2tf conversion
+def test_fp16_halves_the_file_and_keeps_detections(cpu_fp32_bundle, arm_fp32_bundle, arm_fp16_bundle, images):
     fp32_size = (arm_fp32_bundle / "model.tflite").stat().st_size
-    assert (fp16.path / "model.tflite").stat().st_size < 0.6 * fp32_size
-    reference, arm = load(cpu_fp32_bundle), load(fp16.path)
+    assert (arm_fp16_bundle / "model.tflite").stat().st_size < 0.6 * fp32_size
+    reference, arm = load(cpu_fp32_bundle), load(arm_fp16_bundle)
     for image in images:
-        assert unmatched(reference.detect(image), arm.detect(image), FLOAT_IOU, FLOAT_SCORE_TOL) == []
+        expected, got = reference.detect(image), arm.detect(image)
+        assert len(got) == len(expected)
+        assert unmatched(expected, got, min_iou=FP16_IOU, box_tol_px=FP16_BOX_PX, score_tol=FP16_SCORE) == []
+
+
+@pytest.mark.slow  # a second onnx2tf conversion
+def test_fp16_accuracy_is_intel_fp16s(arm_fp16_bundle, intel_fp16_bundle, coco_val_dataset):
+    """arm-fp16 and intel-cpu-fp16 both run the FP16-rounded weights in f32: their val-setting detections agree
+    box for box, so intel-cpu-fp16's coco-val-500 accuracy test (test_openvino) covers arm-fp16 too."""
+    from edgeyolo.evaluate import VAL_CONF, VAL_IOU, VAL_MAX_DET
+    from edgeyolo.runtime import read_image
+
+    arm, intel = load(arm_fp16_bundle), load(intel_fp16_bundle)
+    for sample in coco_val_dataset.samples[:ARM_VS_INTEL_IMAGES]:
+        image = read_image(sample.image)
+        settings = dict(conf=VAL_CONF, iou=VAL_IOU, max_det=VAL_MAX_DET, multi_label=True)
+        expected, got = intel.detect(image, **settings), arm.detect(image, **settings)
+        strong = expected[expected.confidence >= 0.01]
+        assert unmatched(strong, got, box_tol_px=ARM_VS_INTEL_BOX_PX, score_tol=ARM_VS_INTEL_SCORE) == []
 
 
 def test_running_an_arm_bundle_imports_neither_tensorflow_nor_torch(arm_int8_bundle, sample_images):
@@ -193,16 +207,14 @@ def test_target_options_are_checked(tmp_path):
         convert.build(tmp_path / "model.onnx", Target(**{**base, "precision": "fp32"}, dynamic_batch=True), tmp_path)
 
 
-def test_head_split_is_float_exact(yolov5n_pt, tmp_path):
+def test_head_split_is_float_exact(exported_onnx):
     """The INT8 rewrite (box and score channels under their own scales) computes exactly the same head."""
     import onnx
     import onnxruntime as ort
 
     from edgeyolo.backends.tflite.head import split_head_scales
-    from edgeyolo.export import ExportOptions, export_onnx
-    from edgeyolo.model import load_model
 
-    path = export_onnx(load_model(yolov5n_pt).model, tmp_path / "sigmoid.onnx", ExportOptions(head="sigmoid"))
+    path = exported_onnx["sigmoid"]
     model = onnx.load(str(path))
     assert split_head_scales(model) == 3
     onnx.checker.check_model(model)
