@@ -17,7 +17,6 @@ from conftest import assert_calibrated_on_coco128  # noqa: E402
 from detection_match import unmatched  # noqa: E402
 
 from edgeyolo.backends.openvino import compile_properties, decode_node_names  # noqa: E402
-from edgeyolo.build import build_bundle  # noqa: E402
 from edgeyolo.errors import EdgeYoloError  # noqa: E402
 from edgeyolo.runtime import load  # noqa: E402
 

@@ -18,7 +18,6 @@ from detection_match import unmatched  # noqa: E402
 
 from edgeyolo.backends.tflite import convert  # noqa: E402
 from edgeyolo.backends.tflite.engine import dequantize, quantize  # noqa: E402
-from edgeyolo.build import build_bundle  # noqa: E402
 from edgeyolo.bundle import BundleWriter  # noqa: E402
 from edgeyolo.errors import EdgeYoloError  # noqa: E402
 from edgeyolo.runtime import load  # noqa: E402
