@@ -83,7 +83,8 @@ def compose_manifest(checkpoint, weights_path: Path, target: Target, export: Exp
                    "nc": head["nc"], "strides": head["strides"], "anchors": head["anchors"], **result.output},
         "backend": {"name": target.backend, "files": result.files, "options": target.backend_options,
                     **result.info},
-        "calibration": calibration.describe() if calibration is not None else None,
+        "calibration": ({**calibration.describe(), "keep_float": list(target.calibration.get("keep_float", []))}
+                        if calibration is not None else None),
         "accuracy": None,
     }
     return manifest

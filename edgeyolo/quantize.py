@@ -50,6 +50,7 @@ class QuantizeSettings:
     method: str = DEFAULT_METHOD
     percentile: float = DEFAULT_PERCENTILE
     float_from_stride: int = DEFAULT_FLOAT_STRIDE  # layers at this output stride or coarser stay float; 0: none
+    keep_float: tuple[str, ...] = ()  # layers (blocks such as "model.8", or node names) left in float
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -59,19 +60,54 @@ class QuantizeSettings:
         if self.float_from_stride < 0:
             raise EdgeYoloError(f"float_from_stride must be 0 (quantise every stage) or a stride, "
                                 f"not {self.float_from_stride}")
+        if isinstance(self.keep_float, str) or not all(isinstance(x, str) and x for x in self.keep_float):
+            raise EdgeYoloError(f"keep_float must be a list of layer names (e.g. [\"model.8\"]), not {self.keep_float!r}")
 
     @classmethod
     def from_target(cls, target) -> "QuantizeSettings":
         calib = target.calibration
         return cls(method=str(calib.get("method", DEFAULT_METHOD)),
                    percentile=float(calib.get("percentile", DEFAULT_PERCENTILE)),
-                   float_from_stride=int(calib.get("float_from_stride", DEFAULT_FLOAT_STRIDE)))
+                   float_from_stride=int(calib.get("float_from_stride", DEFAULT_FLOAT_STRIDE)),
+                   keep_float=_as_names(calib.get("keep_float", ())))
 
     def describe(self) -> str:
         return f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
 
 
+def _as_names(value) -> tuple:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 # --------------------------------------------------------------------------- what stays float
+def layer_of(node_name: str) -> str:
+    """The block a node belongs to: ``/model.8/cv1/conv/Conv`` → ``model.8`` (the unit sensitivity ranks)."""
+    parts = node_name.strip("/").split("/")
+    return parts[0] if len(parts) > 1 else node_name
+
+
+def layers(model) -> list[str]:
+    """The model's blocks in graph order (``model.0`` ... ``model.24``)."""
+    seen = {}
+    for node in model.graph.node:
+        if node.op_type != "Constant":
+            seen.setdefault(layer_of(node.name), None)
+    return list(seen)
+
+
+def kept_nodes(model, keep_float) -> list[str]:
+    """Node names inside the ``keep_float`` layers (a block name or an exact node name each)."""
+    if not keep_float:
+        return []
+    wanted = set(keep_float)
+    names = [n.name for n in model.graph.node]
+    unknown = wanted - {layer_of(n) for n in names} - set(names)
+    if unknown:
+        raise EdgeYoloError(f"keep_float: no layer named {', '.join(sorted(unknown))} in this model "
+                            f"(layers: {', '.join(layers(model))})")
+    return [n for n in names if n in wanted or layer_of(n) in wanted]
+
+
 @dataclass(frozen=True)
 class HeadSplit:
     """Where the quantised body ends: the detection convolutions and the float decode after them."""
@@ -127,38 +163,19 @@ def coarse_nodes(model, min_stride: int) -> list[str]:
 def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: QuantizeSettings = QuantizeSettings()) -> dict:
     """Write the Q/DQ version of ``src`` to ``dst``, calibrated on ``calibration`` (a ``CalibrationSet``).
 
-    Returns the facts for the manifest (tool, method, what was quantised).
+    Returns the facts for the manifest (tool, method, what was quantised, which layers were kept float).
     """
     import onnx
 
     from .backends import require
 
     ort = require("onnxruntime", "onnxruntime")
-    q = require("onnxruntime.quantization", "onnxruntime")
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src))
-    head = split_head(model)
-    excluded = sorted(set(head.decode) | set(coarse_nodes(model, settings.float_from_stride)))
-    op_types = sorted({n.op_type for n in model.graph.node} - {"Constant"})
     calibration.method = settings.describe()
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
-    with tempfile.TemporaryDirectory(prefix="edgeyolo-quantize-") as work, _quiet_quantizer():
-        input_name = model.graph.input[0].name
-        ranges = calibrate(q, src, Path(work), calibration, input_name, settings, op_types)
-        # the input is letterboxed pixels / 255: its range is known, not estimated
-        ranges.data[input_name] = q.TensorData(lowest=np.float32(0.0), highest=np.float32(1.0))
-        clipped = clip_silu_inputs(q, ranges, model)
-        quantizer = q.QDQQuantizer(
-            _load_with_shapes(src), True, False, q.QuantType.QInt8, q.QuantType.QUInt8, ranges, [], excluded,
-            op_types, extra,
-        )
-        quantizer.quantize_model()
-        quantizer.model.save_model_to_file(str(Path(work) / "qdq.onnx"))  # topologically sorted on the way
-        qdq = onnx.load(str(Path(work) / "qdq.onnx"))
-    removed = remove_qdq_on(qdq, head.float_tensors)
-    del qdq.metadata_props[:]
-    qdq.metadata_props.extend(model.metadata_props)
-    qdq.metadata_props.add(key="quantization", value=f"qdq int8 per-channel weights, {settings.describe()}")
+    ranges = calibrate_ranges(src, calibration, settings)
+    model = onnx.load(str(src))
+    kept = kept_nodes(model, settings.keep_float)
+    qdq, removed = write_qdq(src, ranges, settings, extra_float=kept)
     onnx.checker.check_model(qdq)
     tmp = dst.with_name(dst.name + ".tmp")
     onnx.save(qdq, str(tmp))
@@ -173,12 +190,71 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
         "activations": "int8 symmetric per-tensor (stored uint8, zero point 128)",
         "images": len(calibration),
         "float_from_stride": settings.float_from_stride,
-        "silu_ranges_clipped": clipped,
+        "keep_float": list(settings.keep_float),
+        "kept_float_nodes": len(kept),
+        "silu_ranges_clipped": ranges.clipped,
         "quantized_nodes": len(summary["quantized"]),
         "float_nodes": sorted(summary["float"]),
-        "float_outputs_of": list(head.convs),
+        "float_outputs_of": list(split_head(onnx.load(str(src))).convs),
         "removed_qdq_pairs": removed,
     }
+
+
+@dataclass
+class Ranges:
+    """Calibrated activation ranges (ONNX Runtime's ``TensorsData``), reusable for many Q/DQ placements."""
+
+    data: object
+    clipped: int  # SiLU inputs whose negative range was clipped
+
+
+def calibrate_ranges(src: Path, calibration, settings: QuantizeSettings) -> Ranges:
+    """Run the calibration images through ``src`` once and turn what was seen into activation ranges."""
+    import onnx
+
+    from .backends import require
+
+    q = require("onnxruntime.quantization", "onnxruntime")
+    model = onnx.load(str(src))
+    op_types = sorted({n.op_type for n in model.graph.node} - {"Constant"})
+    with tempfile.TemporaryDirectory(prefix="edgeyolo-calibrate-") as work, _quiet_quantizer():
+        input_name = model.graph.input[0].name
+        ranges = calibrate(q, Path(src), Path(work), calibration, input_name, settings, op_types)
+    # the input is letterboxed pixels / 255: its range is known, not estimated
+    ranges.data[input_name] = q.TensorData(lowest=np.float32(0.0), highest=np.float32(1.0))
+    clipped = clip_silu_inputs(q, ranges, model)
+    return Ranges(data=ranges, clipped=clipped)
+
+
+def write_qdq(src: Path, ranges: Ranges, settings: QuantizeSettings, extra_float=()):
+    """The Q/DQ model of ``src`` with ``ranges``: head decode, coarse stages and ``extra_float`` nodes left float.
+
+    Returns (model, how many Q/DQ pairs were removed from the head convolutions' outputs).
+    """
+    import onnx
+
+    from .backends import require
+
+    q = require("onnxruntime.quantization", "onnxruntime")
+    model = onnx.load(str(src))
+    head = split_head(model)
+    excluded = sorted(set(head.decode) | set(coarse_nodes(model, settings.float_from_stride)) | set(extra_float))
+    op_types = sorted({n.op_type for n in model.graph.node} - {"Constant"})
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    with tempfile.TemporaryDirectory(prefix="edgeyolo-quantize-") as work, _quiet_quantizer():
+        quantizer = q.QDQQuantizer(
+            _load_with_shapes(src), True, False, q.QuantType.QInt8, q.QuantType.QUInt8, ranges.data, [], excluded,
+            op_types, extra,
+        )
+        quantizer.quantize_model()
+        quantizer.model.save_model_to_file(str(Path(work) / "qdq.onnx"))  # topologically sorted on the way
+        qdq = onnx.load(str(Path(work) / "qdq.onnx"))
+    removed = remove_qdq_on(qdq, head.float_tensors)
+    del qdq.metadata_props[:]
+    qdq.metadata_props.extend(model.metadata_props)
+    kept = f", float: {', '.join(settings.keep_float)}" if settings.keep_float else ""
+    qdq.metadata_props.add(key="quantization", value=f"qdq int8 per-channel weights, {settings.describe()}{kept}")
+    return qdq, removed
 
 
 def calibrate(q, src: Path, work: Path, calibration, input_name: str, settings: QuantizeSettings, op_types):
