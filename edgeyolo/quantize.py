@@ -250,6 +250,7 @@ def write_qdq(src: Path, ranges: Ranges, settings: QuantizeSettings, extra_float
         quantizer.model.save_model_to_file(str(Path(work) / "qdq.onnx"))  # topologically sorted on the way
         qdq = onnx.load(str(Path(work) / "qdq.onnx"))
     removed = remove_qdq_on(qdq, head.float_tensors)
+    read_float_inputs(qdq, extra_float)
     del qdq.metadata_props[:]
     qdq.metadata_props.extend(model.metadata_props)
     kept = f", float: {', '.join(settings.keep_float)}" if settings.keep_float else ""
@@ -365,6 +366,47 @@ def remove_qdq_on(model, tensors) -> int:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return len(quantizers)
+
+
+def read_float_inputs(model, nodes) -> int:
+    """Rewire ``nodes`` to read the float tensor instead of its Q→DQ copy: a kept layer sees no INT8 rounding.
+
+    The Q/DQ pair stays for the other readers (an INT8 neighbour); pairs nobody reads any more are dropped.
+    Returns how many inputs were rewired.
+    """
+    graph = model.graph
+    wanted = set(nodes)
+    producer = {out: node for node in graph.node for out in node.output}
+    rewired = 0
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            qnode = producer.get(dq.input[0])
+            if qnode is not None and qnode.op_type == "QuantizeLinear":
+                node.input[i] = qnode.input[0]
+                rewired += 1
+    _drop_unread_qdq(model)
+    return rewired
+
+
+def _drop_unread_qdq(model) -> None:
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if n.op_type in QDQ_OPS and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def summarize_qdq(model) -> dict:

@@ -184,7 +184,7 @@ def letterboxed_inputs(spec, weights, target, count: int, seed: int = 0) -> list
 
 
 def sensitivity_for(weights, target, calibration, inputs: list[np.ndarray],
-                    progress_factory: Callable | None = None) -> SensitivityReport:
+                    progress_factory: Callable | None = None, candidates: list[str] | None = None) -> SensitivityReport:
     """Export ``weights`` with ``target``'s settings and rank its blocks on the Q/DQ graph."""
     import contextlib
     import tempfile
@@ -200,13 +200,17 @@ def sensitivity_for(weights, target, calibration, inputs: list[np.ndarray],
     if target.head != "sigmoid":
         raise EdgeYoloError(f"target {target.name}: sensitivity needs head = \"sigmoid\", not {target.head!r}")
     settings = QuantizeSettings.from_target(target)
+    if target.backend == "openvino":  # NNCF quantises every stage: rank on a Q/DQ graph that does too
+        settings = dataclasses.replace(settings, float_from_stride=0)
     with tempfile.TemporaryDirectory(prefix="edgeyolo-sensitivity-") as work:
         path = export_onnx(load_model(weights).model, Path(work) / "model.onnx",
                            ExportOptions(imgsz=target.imgsz, opset=target.opset, head="sigmoid", batch=1))
-        total = len(layers(onnx.load(str(path)))) + 1
+        model = onnx.load(str(path))
+        kept_nodes(model, candidates)  # unknown names: one clear line before any work
+        total = len(candidates or layers(model)) + 1
         bar = progress_factory("sensitivity", total) if progress_factory else contextlib.nullcontext(None)
         with bar as advance:
-            return qdq_sensitivity(path, calibration, inputs, settings, progress=advance)
+            return qdq_sensitivity(path, calibration, inputs, settings, candidates, progress=advance)
 
 
 # --------------------------------------------------------------------------- build --keep-float

@@ -18,9 +18,10 @@ from .common import cli, err, progress_bar
 @click.option("--val", required=True, help="Images to measure on (a folder or dataset; labels are not needed).")
 @click.option("--limit", type=int, default=32, show_default=True, help="Images drawn from --val.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the --val images.")
+@click.option("--layers", help="Only these blocks, comma-separated (e.g. model.1,model.4) [default: all].")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="sensitivity", show_default=True,
               help="Folder for sensitivity.json, sensitivity.md and sensitivity.png.")
-def sensitivity(weights, target_name, calib, calib_size, val, limit, seed, output):
+def sensitivity(weights, target_name, calib, calib_size, val, limit, seed, layers, output):
     """Rank WEIGHTS' layers by how much INT8 error keeping each one in float removes.
 
     Each block in turn stays float while the rest is INT8 (the target's recipe); the measure is
@@ -38,7 +39,8 @@ def sensitivity(weights, target_name, calib, calib_size, val, limit, seed, outpu
         raise EdgeYoloError(f"--limit must be positive, not {limit}")
     calibration = prepare_calibration(weights, target, calib, calib_size)
     inputs = letterboxed_inputs(val, weights, target, limit, seed)
-    report = sensitivity_for(weights, target, calibration, inputs, progress_bar)
+    candidates = [name.strip() for name in layers.split(",") if name.strip()] if layers else None
+    report = sensitivity_for(weights, target, calibration, inputs, progress_bar, candidates)
     paths = write_report(report, Path(output))
     top = ", ".join(f"{s.layer} ({s.recovered * 100:.0f} %)" for s in report.scores[:5])
     err.print(f"most sensitive: {top}", highlight=False)
