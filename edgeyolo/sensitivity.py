@@ -37,6 +37,7 @@ class LayerScore:
     error: float  # proxy error with this block in float and the rest INT8
     recovered: float  # share of the all-INT8 error that keeping this block float removes (0..1)
     nodes: int
+    macs_share: float = 0.0  # share of the model's convolution MACs in this block: what moves off INT8 kernels
 
 
 @dataclass
@@ -107,6 +108,8 @@ def qdq_sensitivity(onnx_path: Path, calibration, inputs: list[np.ndarray], sett
     decode = set(split_head(model).decode)
     candidates = candidates or [name for name in layers(model)
                                 if not set(kept_nodes(model, [name])) <= decode]
+    macs = conv_macs(model)
+    total_macs = max(sum(macs.values()), 1)
     baseline = proxy_error(reference, run(write_qdq(onnx_path, ranges, settings)[0]))
     if progress:
         progress(1)
@@ -115,13 +118,31 @@ def qdq_sensitivity(onnx_path: Path, calibration, inputs: list[np.ndarray], sett
         nodes = kept_nodes(model, [name])
         error = proxy_error(reference, run(write_qdq(onnx_path, ranges, settings, extra_float=nodes)[0]))
         scores.append(LayerScore(layer=name, error=error, nodes=len(nodes),
-                                 recovered=(baseline - error) / baseline if baseline > 0 else 0.0))
+                                 recovered=(baseline - error) / baseline if baseline > 0 else 0.0,
+                                 macs_share=sum(macs.get(n, 0) for n in nodes) / total_macs))
         if progress:
             progress(1)
     scores.sort(key=lambda s: s.error)
     return SensitivityReport(baseline_error=baseline, scores=scores, images=len(inputs),
                              settings={"method": settings.describe(), "float_from_stride": settings.float_from_stride,
                                        "calibration_images": len(calibration)})
+
+
+def conv_macs(model) -> dict[str, int]:
+    """Multiply-accumulates of each convolution node (static shapes): the cost a kept layer moves to float."""
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+    weights = {i.name: i.dims for i in model.graph.initializer}
+    macs = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.input[1] not in weights or node.output[0] not in dims:
+            continue
+        out_c, in_c, kh, kw = weights[node.input[1]]
+        shape = dims[node.output[0]]
+        macs[node.name] = int(np.prod(shape[2:])) * out_c * in_c * kh * kw
+    return macs
 
 
 def most_sensitive(report: SensitivityReport, count: int) -> list[str]:
@@ -144,8 +165,8 @@ def write_report(report: SensitivityReport, out_dir: Path) -> list[Path]:
 def markdown_table(report: SensitivityReport) -> str:
     lines = [f"# INT8 sensitivity ({report.settings['method']}, {report.images} images)", "",
              f"All blocks INT8: proxy error {report.baseline_error:.3e}. Each row: that block in float, the rest INT8.",
-             "", "| rank | layer | nodes | error | recovered |", "|---:|---|---:|---:|---:|"]
-    lines += [f"| {i} | {s.layer} | {s.nodes} | {s.error:.3e} | {s.recovered * 100:.1f} % |"
+             "", "| rank | layer | nodes | error | recovered | share of MACs |", "|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {i} | {s.layer} | {s.nodes} | {s.error:.3e} | {s.recovered * 100:.1f} % | {s.macs_share * 100:.1f} % |"
               for i, s in enumerate(report.scores, 1)]
     return "\n".join(lines) + "\n"
 

@@ -98,6 +98,18 @@ def test_ranking_is_by_error_and_a_float_layer_changes_the_output(small_onnx, sm
     assert by_name["model.11"].error == pytest.approx(report.baseline_error, rel=1e-6)
     assert by_name["model.0"].error != pytest.approx(report.baseline_error, rel=1e-6)
     assert set(most_sensitive(report, 3)) <= {"model.0", "model.1"}
+    # model.0: a 6x6 stride-2 conv, 3 -> 16 channels at 80x80 of 160x160 (7.9 % of YOLOv5n's MACs)
+    assert by_name["model.0"].macs_share == pytest.approx(80 * 80 * 16 * 3 * 36 / conv_total(small_onnx))
+    assert by_name["model.11"].macs_share == 0.0
+
+
+def conv_total(path) -> int:
+    from onnx import shape_inference
+
+    model = shape_inference.infer_shapes(onnx.load(str(path)))
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    return sum(int(np.prod(dims[n.output[0]][2:] + shapes[n.input[1]])) for n in model.graph.node if n.op_type == "Conv")
 
 
 def test_report_files(small_onnx, small_calibration, tmp_path):
