@@ -4,20 +4,24 @@ The Q/DQ ONNX is the portable INT8 artefact. ONNX Runtime runs it on a CPU (``cp
 and TensorRT compiles it on the device (``cuda-int8``, ``jetson-int8``), so its accuracy is
 measured on any machine before a device is flashed.
 
-The placement, chosen for TensorRT and measured on ONNX Runtime (coco-val-500, YOLOv5n):
+The placement, chosen for TensorRT; the defaults in ``targets/*-int8.toml`` were chosen on a
+held-out split of coco-tune-1193 (``docs/int8.md``, ``benchmarks/bench_int8.py``):
 
 - weights int8, symmetric, per output channel; activations int8, symmetric (zero point 0, the
   only form TensorRT takes), stored as uint8 around 128 for ONNX Runtime's x86 integer kernels
   (``backends/trt/encoding.py`` turns that into int8 exactly);
-- activation ranges: by default each calibration image's min/max, averaged (``mean-minmax``),
-  which ignores the rare extremes that global min/max lets stretch a scale; a convolution
-  feeding a SiLU keeps negatives only down to ``-max(positive range, 6)``: SiLU maps anything
-  below that to ~0, and those outliers cost the useful range its resolution;
+- activation ranges from the calibration images by ``method``: ``mean-minmax`` (each image's
+  min/max, averaged), ``minmax``, ``entropy`` or ``percentile``; a convolution feeding a SiLU
+  keeps negatives only down to ``-max(positive range, 6)``: SiLU maps anything below that to ~0;
 - the head stays in float: the detection convolutions' outputs and everything after them
   (reshape, transpose, sigmoid, concat) are never quantised. One int8 scale over box and class
   values is the known trap;
-- the coarsest stage (stride 32 by default: 20x20 at 640) stays in float (FP16 on TensorRT):
-  its error reaches every detection of the large-object level, for ~23 % of the MACs.
+- ``keep_float``: blocks (``model.1``) left in float with no Q/DQ around them, inputs included
+  (FP16 on TensorRT), ranked by ``edgeyolo sensitivity``; ``float_from_stride``: every layer at
+  that output stride or coarser left in float (0: none).
+
+Ranges are calibrated once (``calibrate_ranges``) and any placement is written from them
+(``write_qdq``): that is what makes the per-layer sensitivity sweep cheap.
 """
 
 from __future__ import annotations

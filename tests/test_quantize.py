@@ -9,11 +9,18 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from edgeyolo.backends.trt.encoding import to_tensorrt_encoding
 from edgeyolo.bundle import load_bundle
 from edgeyolo.errors import EdgeYoloError
-from edgeyolo.backends.trt.encoding import to_tensorrt_encoding
 from edgeyolo.quantize import (
-    CalibrationReader, QuantizeSettings, clip_silu_inputs, coarse_nodes, largest_divisor, split_head, summarize_qdq,
+    CalibrationReader,
+    QuantizeSettings,
+    clip_silu_inputs,
+    coarse_nodes,
+    kept_nodes,
+    largest_divisor,
+    split_head,
+    summarize_qdq,
 )
 
 ort = pytest.importorskip("onnxruntime")
@@ -48,7 +55,8 @@ def test_settings_from_target_and_validation():
     from edgeyolo.targets import load_target
 
     settings = QuantizeSettings.from_target(load_target("cpu-int8"))
-    assert (settings.method, settings.float_from_stride) == ("mean-minmax", 32)
+    assert (settings.method, settings.percentile, settings.float_from_stride) == ("percentile", 99.99, 0)
+    assert settings.keep_float == ("model.0", "model.2", "model.4", "model.24")
     assert QuantizeSettings("percentile", 99.9).describe() == "percentile 99.9"
     with pytest.raises(EdgeYoloError, match="calibration method"):
         QuantizeSettings(method="mse")
@@ -107,14 +115,18 @@ def test_calibration_reader_feeds_every_image_once_in_windows(coco128_calibratio
 
 
 # --------------------------------------------------------------------------- the Q/DQ graph
-def test_body_convs_have_per_channel_int8_weights_and_the_coarse_stage_is_float(qdq_model):
+def test_body_convs_have_per_channel_int8_weights_and_the_kept_layers_are_float(qdq_model):
+    from edgeyolo.targets import load_target
+
     inits, producers = _initializers(qdq_model), _producers(qdq_model)
-    coarse = set(coarse_nodes(qdq_model, 32))
+    settings = QuantizeSettings.from_target(load_target("cpu-int8"))
+    kept = set(coarse_nodes(qdq_model, settings.float_from_stride)) | set(kept_nodes(qdq_model, settings.keep_float))
     convs = [n for n in qdq_model.graph.node if n.op_type == "Conv"]
-    assert len(convs) == 60 and 10 < len(coarse & {c.name for c in convs}) < 20
+    assert len(convs) == 60 and 5 < len(kept & {c.name for c in convs}) < 30
     for conv in convs:
-        if conv.name in coarse:  # the stride-32 stage computes in float
+        if conv.name in kept:  # kept layers compute in float, on float inputs
             assert conv.input[1] in inits and inits[conv.input[1]].data_type == TensorProto.FLOAT, conv.name
+            assert producers.get(conv.input[0]) is None or producers[conv.input[0]].op_type != "DequantizeLinear"
             continue
         dq = producers[conv.input[1]]
         assert dq.op_type == "DequantizeLinear", conv.name
