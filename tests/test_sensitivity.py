@@ -135,6 +135,37 @@ def test_resolve_keep_float(small_target, small_calibration, yolov5n_pt):
         resolve_keep_float(",", yolov5n_pt, small_target, small_calibration)
 
 
+def test_keep_float_count_takes_the_top_of_a_ranking_made_on_the_calibration_images(
+        small_target, small_calibration, yolov5n_pt, monkeypatch):
+    import edgeyolo.sensitivity as sens
+
+    seen = {}
+
+    def fake_ranking(weights, target, calibration, inputs, *_):
+        seen["inputs"] = len(inputs)
+        scores = [sens.LayerScore("model.4", 1.0, 0.5, 3), sens.LayerScore("model.9", 1.5, 0.2, 3),
+                  sens.LayerScore("model.11", 2.0, 0.0, 1)]
+        return sens.SensitivityReport(baseline_error=2.0, scores=scores, images=len(inputs), settings={})
+
+    monkeypatch.setattr(sens, "sensitivity_for", fake_ranking)
+    assert resolve_keep_float("1", yolov5n_pt, small_target, small_calibration).calibration["keep_float"] == ["model.4"]
+    # a layer that recovers nothing is never kept, whatever N asks
+    assert resolve_keep_float("5", yolov5n_pt, small_target, small_calibration).calibration["keep_float"] == [
+        "model.4", "model.9"]
+    assert seen["inputs"] == min(len(small_calibration), sens.BUILD_TIME_IMAGES)
+
+
+def test_keep_float_is_refused_for_float_targets(yolov5n_pt, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeyolo.cli import cli
+
+    result = CliRunner().invoke(cli, ["build", str(yolov5n_pt), "-t", "cpu-fp32", "--keep-float", "2",
+                                      "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "--keep-float is for INT8 targets" in result.output
+    assert not (tmp_path / "b").exists()
+
+
 def _float_inputs(model, node_name: str) -> bool:
     """True when ``node_name`` reads no dequantized tensor (it runs in float)."""
     return node_name in summarize_qdq(model)["float"]
