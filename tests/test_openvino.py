@@ -81,7 +81,7 @@ def test_int8_is_really_quantized(ov_int8_bundle, ov_fp32_bundle):
 def test_int8_manifest_records_calibration(ov_int8_bundle, coco128_calibration):
     manifest = json.loads((ov_int8_bundle / "manifest.json").read_text())
     calib = manifest["calibration"]
-    assert calib["method"] == "nncf-ptq-mixed-mean-minmax-fast-bias-correction"
+    assert calib["method"] == "nncf-ptq-mixed-histogram-fast-bias-correction"
     assert calib["images"] == 128 and calib["skipped"] == 0
     assert calib["images_sha256"] == coco128_calibration.describe()["images_sha256"]
     assert calib["preprocess"] == manifest["preprocess"]
