@@ -1,7 +1,7 @@
 """INT8 recipes chosen on a held-out tune split, reported once on coco-val-500, with INT8 vs FP32 speed.
 
     python benchmarks/bench_int8.py study  [--out int8-study]   # choose: everything on the tune split
-    python benchmarks/bench_int8.py final  [--out int8-study]   # report: today's vs the new recipe, coco-val-500
+    python benchmarks/bench_int8.py final  [--out int8-study]   # report: defaults vs the tune-best recipes, coco-val-500
     python benchmarks/bench_int8.py speed  [--out int8-study]   # FP32 / INT8 / INT8 + kept layers, interleaved
 
 The split (recorded in every result): coco-tune-1193's images, sorted by name, shuffled with
@@ -37,6 +37,12 @@ RANKING_IMAGES = 16  # the per-layer ranking (26 variants): the first 16 of thos
 # the recipes before this study (chosen on coco-val-500 itself), rebuilt for the comparison
 TODAY = {"cpu-int8": {"method": "mean-minmax", "float_from_stride": 32, "keep_float": []},
          "intel-cpu-int8": {"openvino_activations_range": "histogram", "keep_float": []}}
+# what the study on the tune split chose (docs/int8.md), measured once on coco-val-500 by ``final``
+TUNE_BEST = {"cpu-int8": {"keep-4": {"method": "percentile", "percentile": 99.99, "float_from_stride": 0,
+                                     "keep_float": ["model.0", "model.2", "model.4", "model.24"]},
+                          "all-int8": {"method": "percentile", "percentile": 99.99, "float_from_stride": 0,
+                                       "keep_float": []}},
+             "intel-cpu-int8": {"mean-minmax": {"openvino_activations_range": "mean_minmax", "keep_float": []}}}
 WEIGHTS = FIXTURES / "weights" / "yolov5n.pt"
 COCO128 = FIXTURES / "coco128" / "images"
 TUNE = FIXTURES / "coco-tune-1193"
@@ -214,7 +220,7 @@ def rank_layers(s: Study, recipe: dict, size: int) -> list[str]:
 
 
 def final(args) -> None:
-    """The one measurement on coco-val-500: FP32, today's recipe and the new defaults, per target."""
+    """The one measurement on coco-val-500: FP32, the recipe before the study and the tune-best ones, per target."""
     from edgeyolo.datasets import load_dataset
 
     s = Study(Path(args.out))
@@ -223,7 +229,8 @@ def final(args) -> None:
     for target in args.targets:
         if target in TODAY:
             s.variant("val", f"{target}-today", target, val, **TODAY[target])
-        s.variant("val", f"{target}-new", target, val)
+        for name, recipe in TUNE_BEST.get(target, {}).items():
+            s.variant("val", f"{target}-{name}", target, val, **recipe)
 
 
 def speed(args) -> None:
