@@ -27,7 +27,7 @@ from .targets import Target, load_target
 
 EXPORT_PREFIX = "edgeyolo-export-"
 # temp work folders named "<prefix><pid>-*" by the build's steps (export, Q/DQ quantisation, TFLite conversion)
-WORK_PREFIXES = (EXPORT_PREFIX, "edgeyolo-quantize-", "edgeyolo-tflite-")
+WORK_PREFIXES = (EXPORT_PREFIX, "edgeyolo-calibrate-", "edgeyolo-quantize-", "edgeyolo-tflite-")
 
 
 @dataclass
@@ -94,7 +94,8 @@ def compose_manifest(checkpoint, weights_path: Path, target: Target, export: Exp
                    "nc": head["nc"], "strides": head["strides"], "anchors": head["anchors"], **result.output},
         "backend": {"name": target.backend, "files": result.files, "options": target.backend_options,
                     **result.info},
-        "calibration": calibration.describe() if calibration is not None else None,
+        "calibration": ({**calibration.describe(), "keep_float": list(target.calibration.get("keep_float", []))}
+                        if calibration is not None else None),
         "accuracy": None,
     }
     return manifest

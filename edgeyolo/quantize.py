@@ -4,20 +4,24 @@ The Q/DQ ONNX is the portable INT8 artefact. ONNX Runtime runs it on a CPU (``cp
 and TensorRT compiles it on the device (``cuda-int8``, ``jetson-int8``), so its accuracy is
 measured on any machine before a device is flashed.
 
-The placement, chosen for TensorRT and measured on ONNX Runtime (coco-val-500, YOLOv5n):
+The placement, chosen for TensorRT; the defaults in ``targets/*-int8.toml`` were chosen on a
+held-out split of coco-tune-1193 (``docs/int8.md``, ``benchmarks/bench_int8.py``):
 
 - weights int8, symmetric, per output channel; activations int8, symmetric (zero point 0, the
   only form TensorRT takes), stored as uint8 around 128 for ONNX Runtime's x86 integer kernels
   (``backends/trt/encoding.py`` turns that into int8 exactly);
-- activation ranges: by default each calibration image's min/max, averaged (``mean-minmax``),
-  which ignores the rare extremes that global min/max lets stretch a scale; a convolution
-  feeding a SiLU keeps negatives only down to ``-max(positive range, 6)``: SiLU maps anything
-  below that to ~0, and those outliers cost the useful range its resolution;
+- activation ranges from the calibration images by ``method``: ``mean-minmax`` (each image's
+  min/max, averaged), ``minmax``, ``entropy`` or ``percentile``; a convolution feeding a SiLU
+  keeps negatives only down to ``-max(positive range, 6)``: SiLU maps anything below that to ~0;
 - the head stays in float: the detection convolutions' outputs and everything after them
   (reshape, transpose, sigmoid, concat) are never quantised. One int8 scale over box and class
   values is the known trap;
-- the coarsest stage (stride 32 by default: 20x20 at 640) stays in float (FP16 on TensorRT):
-  its error reaches every detection of the large-object level, for ~23 % of the MACs.
+- ``keep_float``: blocks (``model.1``) left in float with no Q/DQ around them, inputs included
+  (FP16 on TensorRT), ranked by ``edgeyolo sensitivity``; ``float_from_stride``: every layer at
+  that output stride or coarser left in float (0: none).
+
+Ranges are calibrated once (``calibrate_ranges``) and any placement is written from them
+(``write_qdq``): that is what makes the per-layer sensitivity sweep cheap.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class QuantizeSettings:
     method: str = DEFAULT_METHOD
     percentile: float = DEFAULT_PERCENTILE
     float_from_stride: int = DEFAULT_FLOAT_STRIDE  # layers at this output stride or coarser stay float; 0: none
+    keep_float: tuple[str, ...] = ()  # layers (blocks such as "model.8", or node names) left in float
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -60,19 +65,54 @@ class QuantizeSettings:
         if self.float_from_stride < 0:
             raise EdgeYoloError(f"float_from_stride must be 0 (quantise every stage) or a stride, "
                                 f"not {self.float_from_stride}")
+        if isinstance(self.keep_float, str) or not all(isinstance(x, str) and x for x in self.keep_float):
+            raise EdgeYoloError(f"keep_float must be a list of layer names (e.g. [\"model.8\"]), not {self.keep_float!r}")
 
     @classmethod
     def from_target(cls, target) -> "QuantizeSettings":
         calib = target.calibration
         return cls(method=str(calib.get("method", DEFAULT_METHOD)),
                    percentile=float(calib.get("percentile", DEFAULT_PERCENTILE)),
-                   float_from_stride=int(calib.get("float_from_stride", DEFAULT_FLOAT_STRIDE)))
+                   float_from_stride=int(calib.get("float_from_stride", DEFAULT_FLOAT_STRIDE)),
+                   keep_float=_as_names(calib.get("keep_float", ())))
 
     def describe(self) -> str:
         return f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
 
 
+def _as_names(value) -> tuple:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 # --------------------------------------------------------------------------- what stays float
+def layer_of(node_name: str) -> str:
+    """The block a node belongs to: ``/model.8/cv1/conv/Conv`` → ``model.8`` (the unit sensitivity ranks)."""
+    parts = node_name.strip("/").split("/")
+    return parts[0] if len(parts) > 1 else node_name
+
+
+def layers(model) -> list[str]:
+    """The model's blocks in graph order (``model.0`` ... ``model.24``)."""
+    seen = {}
+    for node in model.graph.node:
+        if node.op_type != "Constant":
+            seen.setdefault(layer_of(node.name), None)
+    return list(seen)
+
+
+def kept_nodes(model, keep_float) -> list[str]:
+    """Node names inside the ``keep_float`` layers (a block name or an exact node name each)."""
+    if not keep_float:
+        return []
+    wanted = set(keep_float)
+    names = [n.name for n in model.graph.node]
+    unknown = wanted - {layer_of(n) for n in names} - set(names)
+    if unknown:
+        raise EdgeYoloError(f"keep_float: no layer named {', '.join(sorted(unknown))} in this model "
+                            f"(layers: {', '.join(layers(model))})")
+    return [n for n in names if n in wanted or layer_of(n) in wanted]
+
+
 @dataclass(frozen=True)
 class HeadSplit:
     """Where the quantised body ends: the detection convolutions and the float decode after them."""
@@ -128,38 +168,19 @@ def coarse_nodes(model, min_stride: int) -> list[str]:
 def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: QuantizeSettings = QuantizeSettings()) -> dict:
     """Write the Q/DQ version of ``src`` to ``dst``, calibrated on ``calibration`` (a ``CalibrationSet``).
 
-    Returns the facts for the manifest (tool, method, what was quantised).
+    Returns the facts for the manifest (tool, method, what was quantised, which layers were kept float).
     """
     import onnx
 
     from .backends import require
 
     ort = require("onnxruntime", "onnxruntime")
-    q = require("onnxruntime.quantization", "onnxruntime")
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src))
-    head = split_head(model)
-    excluded = sorted(set(head.decode) | set(coarse_nodes(model, settings.float_from_stride)))
-    op_types = sorted({n.op_type for n in model.graph.node} - {"Constant"})
     calibration.method = settings.describe()
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
-    with tempfile.TemporaryDirectory(prefix=f"edgeyolo-quantize-{os.getpid()}-") as work, _quiet_quantizer():
-        input_name = model.graph.input[0].name
-        ranges = calibrate(q, src, Path(work), calibration, input_name, settings, op_types)
-        # the input is letterboxed pixels / 255: its range is known, not estimated
-        ranges.data[input_name] = q.TensorData(lowest=np.float32(0.0), highest=np.float32(1.0))
-        clipped = clip_silu_inputs(q, ranges, model)
-        quantizer = q.QDQQuantizer(
-            _load_with_shapes(src), True, False, q.QuantType.QInt8, q.QuantType.QUInt8, ranges, [], excluded,
-            op_types, extra,
-        )
-        quantizer.quantize_model()
-        quantizer.model.save_model_to_file(str(Path(work) / "qdq.onnx"))  # topologically sorted on the way
-        qdq = onnx.load(str(Path(work) / "qdq.onnx"))
-    removed = remove_qdq_on(qdq, head.float_tensors)
-    del qdq.metadata_props[:]
-    qdq.metadata_props.extend(model.metadata_props)
-    qdq.metadata_props.add(key="quantization", value=f"qdq int8 per-channel weights, {settings.describe()}")
+    ranges = calibrate_ranges(src, calibration, settings)
+    model = onnx.load(str(src))
+    kept = kept_nodes(model, settings.keep_float)
+    qdq, removed = write_qdq(src, ranges, settings, extra_float=kept)
     onnx.checker.check_model(qdq)
     tmp = dst.with_name(dst.name + ".tmp")
     onnx.save(qdq, str(tmp))
@@ -174,12 +195,72 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
         "activations": "int8 symmetric per-tensor (stored uint8, zero point 128)",
         "images": len(calibration),
         "float_from_stride": settings.float_from_stride,
-        "silu_ranges_clipped": clipped,
+        "keep_float": list(settings.keep_float),
+        "kept_float_nodes": len(kept),
+        "silu_ranges_clipped": ranges.clipped,
         "quantized_nodes": len(summary["quantized"]),
         "float_nodes": sorted(summary["float"]),
-        "float_outputs_of": list(head.convs),
+        "float_outputs_of": list(split_head(onnx.load(str(src))).convs),
         "removed_qdq_pairs": removed,
     }
+
+
+@dataclass
+class Ranges:
+    """Calibrated activation ranges (ONNX Runtime's ``TensorsData``), reusable for many Q/DQ placements."""
+
+    data: object
+    clipped: int  # SiLU inputs whose negative range was clipped
+
+
+def calibrate_ranges(src: Path, calibration, settings: QuantizeSettings) -> Ranges:
+    """Run the calibration images through ``src`` once and turn what was seen into activation ranges."""
+    import onnx
+
+    from .backends import require
+
+    q = require("onnxruntime.quantization", "onnxruntime")
+    model = onnx.load(str(src))
+    op_types = sorted({n.op_type for n in model.graph.node} - {"Constant"})
+    with tempfile.TemporaryDirectory(prefix=f"edgeyolo-calibrate-{os.getpid()}-") as work, _quiet_quantizer():
+        input_name = model.graph.input[0].name
+        ranges = calibrate(q, Path(src), Path(work), calibration, input_name, settings, op_types)
+    # the input is letterboxed pixels / 255: its range is known, not estimated
+    ranges.data[input_name] = q.TensorData(lowest=np.float32(0.0), highest=np.float32(1.0))
+    clipped = clip_silu_inputs(q, ranges, model)
+    return Ranges(data=ranges, clipped=clipped)
+
+
+def write_qdq(src: Path, ranges: Ranges, settings: QuantizeSettings, extra_float=()):
+    """The Q/DQ model of ``src`` with ``ranges``: head decode, coarse stages and ``extra_float`` nodes left float.
+
+    Returns (model, how many Q/DQ pairs were removed from the head convolutions' outputs).
+    """
+    import onnx
+
+    from .backends import require
+
+    q = require("onnxruntime.quantization", "onnxruntime")
+    model = onnx.load(str(src))
+    head = split_head(model)
+    excluded = sorted(set(head.decode) | set(coarse_nodes(model, settings.float_from_stride)) | set(extra_float))
+    op_types = sorted({n.op_type for n in model.graph.node} - {"Constant"})
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    with tempfile.TemporaryDirectory(prefix=f"edgeyolo-quantize-{os.getpid()}-") as work, _quiet_quantizer():
+        quantizer = q.QDQQuantizer(
+            _load_with_shapes(src), True, False, q.QuantType.QInt8, q.QuantType.QUInt8, ranges.data, [], excluded,
+            op_types, extra,
+        )
+        quantizer.quantize_model()
+        quantizer.model.save_model_to_file(str(Path(work) / "qdq.onnx"))  # topologically sorted on the way
+        qdq = onnx.load(str(Path(work) / "qdq.onnx"))
+    removed = remove_qdq_on(qdq, head.float_tensors)
+    read_float_inputs(qdq, extra_float)
+    del qdq.metadata_props[:]
+    qdq.metadata_props.extend(model.metadata_props)
+    kept = f", float: {', '.join(settings.keep_float)}" if settings.keep_float else ""
+    qdq.metadata_props.add(key="quantization", value=f"qdq int8 per-channel weights, {settings.describe()}{kept}")
+    return qdq, removed
 
 
 def calibrate(q, src: Path, work: Path, calibration, input_name: str, settings: QuantizeSettings, op_types):
@@ -290,6 +371,47 @@ def remove_qdq_on(model, tensors) -> int:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return len(quantizers)
+
+
+def read_float_inputs(model, nodes) -> int:
+    """Rewire ``nodes`` to read the float tensor instead of its Q→DQ copy: a kept layer sees no INT8 rounding.
+
+    The Q/DQ pair stays for the other readers (an INT8 neighbour); pairs nobody reads any more are dropped.
+    Returns how many inputs were rewired.
+    """
+    graph = model.graph
+    wanted = set(nodes)
+    producer = {out: node for node in graph.node for out in node.output}
+    rewired = 0
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            qnode = producer.get(dq.input[0])
+            if qnode is not None and qnode.op_type == "QuantizeLinear":
+                node.input[i] = qnode.input[0]
+                rewired += 1
+    _drop_unread_qdq(model)
+    return rewired
+
+
+def _drop_unread_qdq(model) -> None:
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if n.op_type in QDQ_OPS and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def summarize_qdq(model) -> dict:

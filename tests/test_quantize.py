@@ -17,6 +17,7 @@ from edgeyolo.quantize import (
     QuantizeSettings,
     clip_silu_inputs,
     coarse_nodes,
+    kept_nodes,
     largest_divisor,
     split_head,
     summarize_qdq,
@@ -51,6 +52,7 @@ def test_settings_from_target_and_validation():
 
     settings = QuantizeSettings.from_target(load_target("cpu-int8"))
     assert (settings.method, settings.float_from_stride) == ("mean-minmax", 32)
+    assert settings.keep_float == ()
     assert QuantizeSettings("percentile", 99.9).describe() == "percentile 99.9"
     with pytest.raises(EdgeYoloError, match="calibration method"):
         QuantizeSettings(method="mse")
@@ -109,14 +111,20 @@ def test_calibration_reader_feeds_every_image_once_in_windows(coco128_calibratio
 
 
 # --------------------------------------------------------------------------- the Q/DQ graph
-def test_body_convs_have_per_channel_int8_weights_and_the_coarse_stage_is_float(qdq_model):
+def test_body_convs_have_per_channel_int8_weights_and_the_kept_layers_are_float(qdq_model):
+    from edgeyolo.targets import load_target
+
     inits, producers = _initializers(qdq_model), _producers(qdq_model)
-    coarse = set(coarse_nodes(qdq_model, 32))
+    settings = QuantizeSettings.from_target(load_target("cpu-int8"))
+    named = set(kept_nodes(qdq_model, settings.keep_float))  # these also read float inputs (no Q/DQ around them)
+    kept = set(coarse_nodes(qdq_model, settings.float_from_stride)) | named
     convs = [n for n in qdq_model.graph.node if n.op_type == "Conv"]
-    assert len(convs) == 60 and 10 < len(coarse & {c.name for c in convs}) < 20
+    assert len(convs) == 60 and 10 < len(kept & {c.name for c in convs}) < 20
     for conv in convs:
-        if conv.name in coarse:  # the stride-32 stage computes in float
+        if conv.name in kept:  # kept layers compute in float
             assert conv.input[1] in inits and inits[conv.input[1]].data_type == TensorProto.FLOAT, conv.name
+            if conv.name in named:
+                assert producers[conv.input[0]].op_type != "DequantizeLinear", conv.name
             continue
         dq = producers[conv.input[1]]
         assert dq.op_type == "DequantizeLinear", conv.name

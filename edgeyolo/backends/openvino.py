@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,12 @@ def quantize(model, target, calibration, options: dict):
         raise EdgeYoloError(f"{where}: [openvino] activations_range must be one of {', '.join(RANGES)}, not {ranges!r}")
     fast_bias_correction = bool(options.get("fast_bias_correction", True))
     ignored = decode_node_names(model) if target.head == "decoded" else []
+    kept = [str(name) for name in target.calibration.get("keep_float", [])]
+    # a kept layer (block "model.8" or a node name) is every node named under it: NNCF leaves them in f32
+    patterns = [rf"^/?{re.escape(name)}(/.*)?$" for name in kept]
+    unmatched = [name for name, p in zip(kept, patterns) if not kept_matches(model, [p])]
+    if unmatched:
+        raise EdgeYoloError(f"keep_float: no layer named {', '.join(unmatched)} in this model")
     calibration.method = (f"nncf-ptq-{preset}-{ranges.replace('_', '-')}"
                           + ("-fast-bias-correction" if fast_bias_correction else "-bias-correction"))
     advanced = AdvancedQuantizationParameters(
@@ -71,10 +78,17 @@ def quantize(model, target, calibration, options: dict):
         target_device=nncf.TargetDevice.CPU,
         subset_size=len(calibration),
         fast_bias_correction=fast_bias_correction,
-        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
+        ignored_scope=(nncf.IgnoredScope(names=ignored, patterns=patterns, validate=False)
+                       if ignored or patterns else None),
         advanced_parameters=advanced,
     )
-    return quantized, nncf.__version__, len(ignored)
+    return quantized, nncf.__version__, len(ignored) + len(kept_matches(model, patterns))
+
+
+def kept_matches(model, patterns: list[str]) -> list[str]:
+    """The model's node names that the ``keep_float`` patterns leave out of INT8."""
+    return [op.get_friendly_name() for op in model.get_ops()
+            if any(re.match(p, op.get_friendly_name()) for p in patterns)]
 
 
 def decode_node_names(model) -> list[str]:

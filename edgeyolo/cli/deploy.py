@@ -60,7 +60,9 @@ def export(weights, imgsz, opset, head, dynamic_batch, dynamic_shape, output):
 @click.option("--val", help="Evaluate the built engine on this labelled dataset before committing it.")
 @click.option("--max-drop", type=float, default=0.5, show_default=True,
               help="With --val: the largest allowed mAP50-95 drop, in points, versus cpu-fp32.")
-def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, val, max_drop):
+@click.option("--keep-float", help="INT8: layers left in float: auto (the target's), none, N (the N most "
+              "sensitive, ranked now) or names (model.1,model.4; see 'edgeyolo sensitivity').")
+def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, val, max_drop, keep_float):
     """Compile WEIGHTS for a target into a bundle folder (engine + manifest.json).
 
     WEIGHTS may also be a portable bundle (e.g. jetson-int8 built on a workstation):
@@ -89,11 +91,16 @@ def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, va
     calibration = None
     if calib and not target.needs_calibration:
         log.warning("target %s is %s; --calib is ignored", target.name, target.precision)
+    if keep_float and not target.needs_calibration:
+        raise EdgeYoloError(f"--keep-float is for INT8 targets; {target.name} is {target.precision}")
     elif target.needs_calibration:
         if not calib:
             raise EdgeYoloError(f"target {target.name} is INT8: pass calibration images with --calib")
         with step(f"loading calibration images from {calib}"):
             calibration = prepare_calibration(weights, target, calib, calib_size, calib_seed, size)
+        from ..sensitivity import resolve_keep_float
+
+        target = resolve_keep_float(keep_float, weights, target, calibration)
     gate = accuracy_gate(weights, val, max_drop, progress_bar, _report_accuracy) if val else None
     bundle = build_bundle(weights, target, dest, BuildOptions(imgsz=size), calibration=calibration, gate=gate)
     files = ", ".join(f"{name} ({(bundle.path / name).stat().st_size / 1e6:.1f} MB)" for name in bundle.manifest["checksums"])

@@ -80,6 +80,10 @@ def check_target(target) -> None:
     if target.dynamic_batch or target.dynamic_shape:
         raise EdgeYoloError(f"target {target.name}: TFLite engines here are static-shaped; "
                             "set dynamic_batch and dynamic_shape to false")
+    if target.calibration.get("keep_float"):
+        # onnx2tf's full-integer conversion has no per-op float fallback (no denylist of nodes)
+        raise EdgeYoloError(f"target {target.name}: onnx2tf cannot leave single layers in float in a "
+                            "full-integer model; drop keep_float / --keep-float for TFLite")
     if target.precision == "int8" and target.head != "sigmoid":
         log.warning("target %s: full-integer INT8 with the %r head puts pixel boxes and probabilities under one "
                     "int8 scale and loses box accuracy; head = \"sigmoid\" keeps it", target.name, target.head)

@@ -1,0 +1,276 @@
+"""INT8 recipes chosen on a held-out tune split, reported once on coco-val-500, with INT8 vs FP32 speed.
+
+    python benchmarks/bench_int8.py study  [--out int8-study]   # choose: everything on the tune split
+    python benchmarks/bench_int8.py final  [--out int8-study]   # report: defaults vs the tune-best recipes, coco-val-500
+    python benchmarks/bench_int8.py speed  [--out int8-study]   # FP32 / INT8 / INT8 + kept layers, interleaved
+
+The split (recorded in every result): coco-tune-1193's images, sorted by name, shuffled with
+``random.Random(SPLIT_SEED)``; the first ``TUNE_COUNT`` are the **tune** set (every choice is
+made by its mAP there), the other 793 are the **pool** that calibration sets larger than coco128
+(300, 500 images) are drawn from. Calibration sets of 64 and 128 images come from coco128.
+coco-val-500 is only read by ``final``, for the recipes ``study`` picked.
+
+Each variant is a real build (``build_bundle`` with the variant's ``[calibration]`` table) and a
+real evaluation (``evaluate``, COCO mAP50-95); the proxy of ``edgeyolo sensitivity`` (objectness-
+weighted head error vs FP32, ``PROXY_IMAGES`` tune images) is recorded beside each Q/DQ variant's
+mAP, so the proxy's agreement with mAP is checked on the same variants. Results are appended as
+JSON lines to ``OUT/results.jsonl`` (a variant already there is not measured again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from bench_common import FIXTURES  # beside this script
+
+SPLIT_SEED = 0
+TUNE_COUNT = 400
+PROXY_IMAGES = 64  # the proxy recorded beside each variant's mAP
+RANKING_IMAGES = 16  # the per-layer ranking (26 variants): the first 16 of those
+# the recipes before this study (chosen on coco-val-500 itself), rebuilt for the comparison
+TODAY = {"cpu-int8": {"method": "mean-minmax", "float_from_stride": 32, "keep_float": []},
+         "intel-cpu-int8": {"openvino_activations_range": "histogram", "keep_float": []}}
+# what the study on the tune split chose (docs/int8.md), measured once on coco-val-500 by ``final``
+TUNE_BEST = {"cpu-int8": {"keep-4": {"method": "percentile", "percentile": 99.99, "float_from_stride": 0,
+                                     "keep_float": ["model.0", "model.2", "model.4", "model.24"]},
+                          "all-int8": {"method": "percentile", "percentile": 99.99, "float_from_stride": 0,
+                                       "keep_float": []}},
+             "intel-cpu-int8": {"mean-minmax": {"openvino_activations_range": "mean_minmax", "keep_float": []}}}
+WEIGHTS = FIXTURES / "weights" / "yolov5n.pt"
+COCO128 = FIXTURES / "coco128" / "images"
+TUNE = FIXTURES / "coco-tune-1193"
+VAL = FIXTURES / "coco-val-500"
+
+
+# --------------------------------------------------------------------------- the split
+def tune_split():
+    """(tune dataset, pool image paths): the seeded split of coco-tune-1193."""
+    from edgeyolo.datasets import Dataset, load_dataset
+
+    data = load_dataset(TUNE)
+    samples = sorted(data.samples, key=lambda s: s.image.name)
+    random.Random(SPLIT_SEED).shuffle(samples)
+    tune = Dataset(root=str(TUNE), samples=samples[:TUNE_COUNT], names=data.names)
+    return tune, [s.image for s in samples[TUNE_COUNT:]]
+
+
+def split_facts() -> dict:
+    return {"tune_set": str(TUNE), "split_seed": SPLIT_SEED, "tune_images": TUNE_COUNT,
+            "order": "sorted by file name, then random.Random(seed).shuffle"}
+
+
+def calibration_spec(size: int, out: Path, pool) -> tuple[str, int | None]:
+    """64/128: coco128; larger: a list file of that many pool images (disjoint from the tune set)."""
+    if size <= 128:
+        return str(COCO128), size
+    listing = out / f"calib-pool-{size}.txt"
+    listing.write_text("\n".join(str(p) for p in pool[:size]) + "\n")
+    return str(listing), size
+
+
+# --------------------------------------------------------------------------- measuring one variant
+class Study:
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.results_path = out / "results.jsonl"
+        self.done = {}
+        if self.results_path.exists():
+            for line in self.results_path.read_text().splitlines():
+                row = json.loads(line)
+                self.done[(row["phase"], row["name"])] = row
+        self.tune, self.pool = tune_split()
+        self._calibrations = {}
+        self._proxy = None
+
+    def record(self, row: dict) -> dict:
+        self.done[(row["phase"], row["name"])] = row
+        with self.results_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("phase", "name", "map50_95", "proxy", "seconds") if k in row}),
+              file=sys.stderr, flush=True)
+        return row
+
+    def calibration(self, target, size: int):
+        from edgeyolo.build import prepare_calibration
+
+        key = (target.imgsz, size)
+        if key not in self._calibrations:
+            spec, count = calibration_spec(size, self.out, self.pool)
+            self._calibrations[key] = prepare_calibration(WEIGHTS, target, spec, count, seed=0)
+        return self._calibrations[key]
+
+    def variant(self, phase: str, name: str, target_name: str, dataset, size: int = 128, **calibration) -> dict:
+        """Build ``target_name`` with ``calibration`` overrides, evaluate on ``dataset``, record it."""
+        if (phase, name) in self.done:
+            return self.done[(phase, name)]
+        from edgeyolo.build import build_bundle
+        from edgeyolo.targets import load_target
+
+        start = time.perf_counter()
+        target = load_target(target_name)
+        overrides = {k: v for k, v in calibration.items() if not k.startswith("openvino_")}
+        options = {k[len("openvino_"):]: v for k, v in calibration.items() if k.startswith("openvino_")}
+        target = dataclasses.replace(target, calibration={**target.calibration, **overrides},
+                                     backend_options={**target.backend_options, **options})
+        bundle_path = self.out / "bundles" / f"{phase}-{name}"
+        cal = self.calibration(target, size) if target.needs_calibration else None
+        bundle = build_bundle(WEIGHTS, target, bundle_path, calibration=cal)
+        row = {"phase": phase, "name": name, "target": target.name, "calibration_images": size if cal else 0,
+               "recipe": {**target.calibration, **target.backend_options}, "bundle": str(bundle_path),
+               "split": split_facts(), **self.evaluate(bundle, dataset)}
+        if target.backend in ("onnxruntime", "tensorrt") and target.needs_calibration:
+            row["proxy"] = self.proxy(bundle)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        return self.record(row)
+
+    def evaluate(self, bundle, dataset) -> dict:
+        from edgeyolo.evaluate import evaluate
+        from edgeyolo.gate import load_for_eval
+
+        result = evaluate(load_for_eval(bundle), dataset)
+        return {"data": dataset.root, "images": result.images, "map50_95": round(result.map50_95 * 100, 3),
+                "map50": round(result.map50 * 100, 3)}
+
+    def proxy(self, bundle) -> float:
+        """The sensitivity proxy of a Q/DQ bundle against the FP32 sigmoid-head graph, on tune images."""
+        from edgeyolo.export import ExportOptions, export_onnx
+        from edgeyolo.model import load_model
+        from edgeyolo.sensitivity import OnnxRunner, proxy_error
+
+        if self._proxy is None:
+            inputs = self.proxy_inputs()
+            reference = export_onnx(load_model(WEIGHTS).model, self.out / "fp32-sigmoid.onnx",
+                                    ExportOptions(head="sigmoid"))
+            run = OnnxRunner(inputs)
+            self._proxy = (run, run(reference))
+        run, reference = self._proxy
+        return proxy_error(reference, run(bundle.file("onnx")))
+
+    def proxy_inputs(self):
+        from edgeyolo.runtime import read_image
+        from edgeyolo.runtime.preprocess import LetterboxSettings, letterbox, to_input
+
+        settings = LetterboxSettings(imgsz=(640, 640), auto=False, stride=32)
+        return [to_input(letterbox(read_image(s.image), settings)[0], "NCHW")
+                for s in self.tune.samples[:PROXY_IMAGES]]
+
+
+# --------------------------------------------------------------------------- phases
+def study(args) -> None:
+    """Choose on the tune split: estimator, calibration size, kept layers (cpu-int8), NNCF ranges (intel)."""
+    s = Study(Path(args.out))
+    tune = s.tune
+    s.variant("tune", "fp32", "cpu-fp32", tune, size=0)
+    s.variant("tune", "cpu-int8-today", "cpu-int8", tune, **TODAY["cpu-int8"])
+    for spec in args.methods:
+        method, _, pct = spec.partition(":")
+        extra = {"percentile": float(pct)} if pct else {}
+        name = f"qdq-all-{method}" + (f"-{pct}" if pct else "")
+        s.variant("tune", name, "cpu-int8", tune, method=method, float_from_stride=0, keep_float=[], **extra)
+    best = best_of(s, "tune", "qdq-all-")
+    recipe = dict(best["recipe"])
+    for size in args.sizes:
+        if size != 128:
+            s.variant("tune", f"qdq-all-best-{size}", "cpu-int8", tune, size=size, **_qdq(recipe))
+    sizes = {128: best} | {size: s.done[("tune", f"qdq-all-best-{size}")] for size in args.sizes if size != 128}
+    size = max(sizes, key=lambda k: sizes[k]["map50_95"])
+    ranking = rank_layers(s, recipe, size)
+    for count in args.keep_counts:
+        s.variant("tune", f"qdq-keep-{count}", "cpu-int8", tune, size=size,
+                  **{**_qdq(recipe), "keep_float": ranking[:count]})
+    s.variant("tune", "intel-today", "intel-cpu-int8", tune, **TODAY["intel-cpu-int8"])
+    for ranges in args.nncf_ranges:
+        s.variant("tune", f"intel-{ranges}", "intel-cpu-int8", tune, openvino_activations_range=ranges)
+    for count in args.keep_counts[:1]:
+        s.variant("tune", f"intel-keep-{count}", "intel-cpu-int8", tune, keep_float=ranking[:count],
+                  openvino_activations_range=best_of(s, "tune", "intel-")["recipe"]["activations_range"])
+
+
+def _qdq(recipe: dict) -> dict:
+    keys = ("method", "percentile", "float_from_stride", "keep_float")
+    return {k: recipe[k] for k in keys if k in recipe}
+
+
+def best_of(s: Study, phase: str, prefix: str) -> dict:
+    rows = [r for (p, n), r in s.done.items() if p == phase and n.startswith(prefix)]
+    return max(rows, key=lambda r: r["map50_95"])
+
+
+def rank_layers(s: Study, recipe: dict, size: int) -> list[str]:
+    """The sensitivity ranking (proxy, tune images) under the chosen estimator and size; cached in OUT."""
+    path = s.out / "sensitivity.json"
+    if path.exists():
+        return [row["layer"] for row in json.loads(path.read_text())["layers"]]
+    from edgeyolo.sensitivity import sensitivity_for, write_report
+    from edgeyolo.targets import load_target
+
+    target = load_target("cpu-int8")
+    target = dataclasses.replace(target, calibration={**target.calibration, **_qdq(recipe), "keep_float": []})
+    report = sensitivity_for(WEIGHTS, target, s.calibration(target, size), s.proxy_inputs()[:RANKING_IMAGES])
+    write_report(report, s.out)
+    return report.ranked()
+
+
+def final(args) -> None:
+    """The one measurement on coco-val-500: FP32, the recipe before the study and the tune-best ones, per target."""
+    from edgeyolo.datasets import load_dataset
+
+    s = Study(Path(args.out))
+    val = load_dataset(VAL)
+    s.variant("val", "fp32", "cpu-fp32", val, size=0)
+    for target in args.targets:
+        if target in TODAY:
+            s.variant("val", f"{target}-today", target, val, **TODAY[target])
+        for name, recipe in TUNE_BEST.get(target, {}).items():
+            s.variant("val", f"{target}-{name}", target, val, **recipe)
+
+
+def speed(args) -> None:
+    """Interleaved end-to-end FPS of FP32 and the INT8 bundles of the final phase, in one process."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_common import run_interleaved
+
+    s = Study(Path(args.out))
+    bundles = {n: Path(r["bundle"]) for (p, n), r in s.done.items()
+               if p == "val" and not n.startswith("arm-") and (n == "fp32" or n.startswith(tuple(args.targets)))}
+    extra = s.done.get(("tune", "qdq-all-" + args.all_int8))
+    if extra:
+        bundles["cpu-int8-no-kept-layers"] = Path(extra["bundle"])
+    ns = argparse.Namespace(images=str(FIXTURES / "images"), threads=None, warmup=5, rounds=args.rounds,
+                            iters=args.iters)
+    results = run_interleaved(bundles, ns)
+    report = {name: {"fps": r["fps"], "ratio_to_fp32": round(r["fps"] / results["fp32"]["fps"], 3)}
+              for name, r in results.items()}
+    report["_machine"] = {"cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
+                          "note": "interleaved rounds in one process; other processes share this CPU"}
+    (Path(args.out) / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("phase", choices=("study", "final", "speed"))
+    parser.add_argument("--out", default="int8-study")
+    parser.add_argument("--methods", nargs="*", default=["mean-minmax", "percentile:99.99", "entropy"],
+                        help="study: Q/DQ estimators (percentile:P for a percentile)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[128, 300])
+    parser.add_argument("--keep-counts", type=int, nargs="*", default=[2, 4])
+    parser.add_argument("--nncf-ranges", nargs="*", default=["mean_minmax"], help="study: NNCF estimators")
+    parser.add_argument("--targets", nargs="*", default=["cpu-int8", "intel-cpu-int8", "arm-int8"])
+    parser.add_argument("--all-int8", default="mean-minmax", help="speed: the all-INT8 tune variant to time too")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args(argv)
+    {"study": study, "final": final, "speed": speed}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()
