@@ -163,6 +163,7 @@ _CRAFT = textwrap.dedent("""
 _LOAD = textwrap.dedent("""
     import json, resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+    from edgeyolo.bench import peak_rss_mb
     from edgeyolo.errors import EdgeYoloError
     from edgeyolo.model.checkpoint import load_checkpoint
     results = {}
@@ -172,7 +173,7 @@ _LOAD = textwrap.dedent("""
             results[path] = "loaded"
         except EdgeYoloError as exc:
             results[path] = "refused: " + str(exc)
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["peak_rss_mb"] = peak_rss_mb()  # VmHWM: ru_maxrss would carry the (big) pytest parent's peak over exec
     print(json.dumps(results))
 """)
 

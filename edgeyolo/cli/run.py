@@ -43,7 +43,13 @@ def detect(model, sources, conf, iou, max_det, as_json, save_dir, save_txt, save
     results, coco = [], []
     for source in inputs:
         if source.kind in ("video", "camera"):
-            result = _detect_stream(detector, source, save, save_txt)
+            try:
+                result = _detect_stream(detector, source, save, save_txt)
+            except EdgeYoloError:
+                if source.kind == "camera":
+                    raise
+                log.warning("skipping %s: not a readable video", source.path)  # one corrupt video among many sources
+                continue
             if source.kind == "video" and not result["frame_count"]:
                 log.warning("skipping %s: not a readable video (no frames)", source.path)
                 continue

@@ -60,7 +60,8 @@ def train(weights, data, out, epochs, imgsz, batch, lr0, hyp_file, device, worke
     config = TrainConfig(weights=weights, data=data or "", out=out or resume, epochs=epochs, imgsz=imgsz, batch=batch,
                          hyp=hyp, device=device, workers=workers, seed=seed, freeze=freeze, val_data=val_data,
                          val_split=val_split, cfg=cfg, optimizer=optimizer, cos_lr=cos_lr, augment=augment,
-                         sync_bn=sync_bn, nominal_batch=nominal_batch, command=command_line(sys.argv[1:]))
+                         sync_bn=sync_bn, nominal_batch=nominal_batch,
+                         command=command_line(_argv_without_nproc(click.get_current_context())))
     if show_augment:
         return _show_augment(config, show_augment)
     run = Trainer(config, resume=resume).train()
