@@ -156,7 +156,7 @@ def check_backend_options(options: Fields, backend: str) -> dict:
         options.integer("intra_op_threads", default=0, lo=0, hi=1024)
         options.string("graph_optimization", default="all", choices=GRAPH_OPTIMIZATIONS)
     elif backend == "openvino":
-        from .backends.openvino import HINTS, PRESETS, RANGES
+        from .backends.openvino import HINTS, PRECISIONS, PRESETS, RANGES
 
         options.only(("preset", "activations_range", "fast_bias_correction", "performance_hint", "threads",
                       "inference_precision"))
@@ -165,7 +165,7 @@ def check_backend_options(options: Fields, backend: str) -> dict:
         options.boolean("fast_bias_correction", default=True)
         options.string("performance_hint", default="LATENCY", choices=HINTS)
         options.integer("threads", default=0, lo=0, hi=1024)
-        options.string("inference_precision", default="f32", choices=("f32", "bf16", "f16"))
+        options.string("inference_precision", default="f32", choices=PRECISIONS)
     elif backend == "tflite":
         options.only(("threads", "io_dtype"))
         options.integer("threads", default=0, lo=0, hi=1024)

@@ -6,7 +6,10 @@ The bundle holds an OpenVINO IR (``model.xml`` + ``model.bin``). Target options 
 - ``preset``, ``activations_range``, ``fast_bias_correction``: NNCF's INT8 settings (INT8 targets only);
 - ``performance_hint`` (``LATENCY`` or ``THROUGHPUT``), ``threads`` (0 = OpenVINO's choice),
   ``inference_precision`` (``f32`` pins full precision where the CPU would otherwise run
-  bf16, as on AVX512-BF16/AMX parts): the compiled model's properties.
+  bf16, as on AVX512-BF16/AMX parts; ``bf16``/``f16`` ask for those; ``auto`` takes the
+  fastest the CPU supports, bf16 > f32, resolved when the engine is compiled): the compiled
+  model's properties. The precision actually used is in ``Engine.info``; the build records the
+  one its own machine would use in the manifest (``backend.inference_precision``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ DEVICE = "CPU"
 HINTS = ("LATENCY", "THROUGHPUT")
 PRESETS = ("performance", "mixed")
 # NNCF's ways to turn observed activations into INT8 ranges (RangeEstimatorParametersSet)
+PRECISIONS = ("f32", "bf16", "f16", "auto")
 RANGES = ("histogram", "minmax", "mean_minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile")
 
 
@@ -36,7 +40,8 @@ def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResu
     ov = require("openvino", NAME)
     options = target.backend_options
     model = ov.convert_model(str(onnx_path))
-    info = {"version": ov.__version__}
+    info = {"version": ov.__version__,
+            "inference_precision": resolve_precision(ov.Core(), options.get("inference_precision", "f32"))}
     if target.precision == "int8":
         model, info["nncf_version"], info["ignored_nodes"] = quantize(model, target, calibration, options)
     # save_model compresses weights to FP16 unless told not to; only the fp16 target wants that.
@@ -118,7 +123,20 @@ def _after_convolution(op) -> bool:
 
 
 # --------------------------------------------------------------------------- engine
-def compile_properties(options: dict, threads: int, performance_hint: str) -> dict:
+def resolve_precision(core, precision: str) -> str:
+    """``auto`` → ``bf16`` where the CPU has bf16 units (AVX512-BF16, AMX), else ``f32``; others unchanged.
+
+    bf16 keeps f32's exponent range, so the decoded head's pixel coordinates stay safe; f16 is
+    left out of ``auto`` because OpenVINO's CPU plugin only runs it on AMX-FP16 parts.
+    """
+    precision = str(precision).lower()
+    if precision != "auto":
+        return precision
+    core = core or require("openvino", NAME).Core()
+    return "bf16" if "BF16" in core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES") else "f32"
+
+
+def compile_properties(options: dict, threads: int, performance_hint: str, core=None) -> dict:
     """The compiled model's properties from the target options and the caller's overrides."""
     hint = performance_hint.upper()
     if hint not in HINTS:
@@ -127,7 +145,7 @@ def compile_properties(options: dict, threads: int, performance_hint: str) -> di
     if threads:
         properties["INFERENCE_NUM_THREADS"] = int(threads)
     if options.get("inference_precision"):
-        properties["INFERENCE_PRECISION_HINT"] = str(options["inference_precision"])
+        properties["INFERENCE_PRECISION_HINT"] = resolve_precision(core, options["inference_precision"])
     return properties
 
 
@@ -147,7 +165,7 @@ class Engine:
         hint = performance_hint or opts.get("performance_hint", "LATENCY")
         core = ov.Core()
         model = core.read_model(str(bundle.file("engine")), str(bundle.file("weights")))
-        self.compiled = core.compile_model(model, DEVICE, compile_properties(opts, threads, hint))
+        self.compiled = core.compile_model(model, DEVICE, compile_properties(opts, threads, hint, core))
         self._requests = queue.LifoQueue()
         self._requests.put(self.compiled.create_infer_request())
         self.info = {
