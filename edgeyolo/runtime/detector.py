@@ -77,6 +77,27 @@ class Detector:
 
     __call__ = detect
 
+    def stream(self, frames, depth: int = 3, conf: float | None = None, iou: float | None = None,
+               max_det: int | None = None, multi_label: bool = False, agnostic: bool = False, classes=None):
+        """Detect in an iterable of frames (paths, BGR arrays, PIL images), pipelined; yields ``Detections``.
+
+        Results equal ``detect()`` on each frame, in input order. Up to ``depth`` frames are in
+        flight at once, each decoded, letterboxed, inferred and post-processed in one of ``depth``
+        worker threads over the thread-safe ``detect`` path (see ``runtime.pipeline``), so one
+        frame's host work overlaps another's inference. Stop early by closing the generator (or
+        breaking out of a ``for``): pending frames are dropped and the workers joined.
+        """
+        from .pipeline import check_depth, ordered_map
+
+        depth = check_depth(depth)  # now, not at the first next()
+        conf, iou, max_det = check_thresholds(self.conf if conf is None else conf, self.iou if iou is None else iou,
+                                              self.max_det if max_det is None else max_det)
+
+        def work(frame) -> Detections:
+            return self._detect_one(as_bgr(frame), conf, iou, max_det, multi_label, agnostic, classes)
+
+        return ordered_map(work, frames, depth)
+
     def _detect_one(self, image, conf, iou, max_det, multi_label, agnostic, classes) -> Detections:
         t0 = time.perf_counter()
         boxed, info = letterbox(image, self.letterbox)

@@ -1,0 +1,46 @@
+"""An ordered, bounded thread-pool map: the pipelining under ``Detector.stream`` and ``detect`` on folders.
+
+Each item's work (decode, letterbox, inference, NMS) runs in one of ``depth`` worker threads,
+so one frame's decode and NMS (numpy and OpenCV release the GIL for most of it) overlap
+another's inference (every backend's ``infer`` releases the GIL and is thread-safe; see
+``Detector``). Results come back in input order; never more than ``depth`` items are in
+flight, so a fast source (a camera) cannot grow memory; the source is read lazily, in the
+consumer's thread. Closing the generator early, or the source or a work item raising,
+cancels what has not started and joins every worker before control returns.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from ..errors import EdgeYoloError
+
+T = TypeVar("T")
+R = TypeVar("R")
+MAX_DEPTH = 64
+
+
+def check_depth(depth) -> int:
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
+        raise EdgeYoloError(f"depth must be an integer from 1 to {MAX_DEPTH}, not {depth!r}")
+    return depth
+
+
+def ordered_map(work: Callable[[T], R], items: Iterable[T], depth: int = 3) -> Iterator[R]:
+    """``work(item)`` for every item, ``depth`` at a time in worker threads, yielded in input order."""
+    depth = check_depth(depth)
+    executor = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="edgeyolo-stream")
+    pending: deque = deque()
+    try:
+        for item in items:  # the next item is read only once fewer than depth are in flight
+            pending.append(executor.submit(work, item))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        executor.shutdown(wait=True)

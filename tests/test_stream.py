@@ -1,0 +1,116 @@
+"""``Detector.stream``: pipelined results equal ``detect()`` in order, bounded, and stop cleanly."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgeyolo.errors import EdgeYoloError
+from edgeyolo.runtime import load, read_image
+from edgeyolo.runtime.pipeline import ordered_map
+
+BUNDLES = ["cpu_fp32_bundle", "ov_int8_bundle"]
+
+
+def stream_threads() -> list:
+    return [t for t in threading.enumerate() if t.name.startswith("edgeyolo-stream")]
+
+
+def same(a, b) -> bool:
+    return (np.array_equal(a.xyxy, b.xyxy) and np.array_equal(a.confidence, b.confidence)
+            and np.array_equal(a.class_id, b.class_id))
+
+
+@pytest.fixture(scope="module")
+def frames(sample_images, coco128) -> list:
+    """Paths and arrays of different sizes (different letterbox paddings)."""
+    paths = sorted((coco128 / "images").glob("*.jpg"))[:6]
+    return list(sample_images) + paths[:3] + [read_image(p) for p in paths[3:]]
+
+
+@pytest.mark.parametrize("bundle_fixture", BUNDLES)
+def test_stream_equals_detect_in_order(bundle_fixture, frames, request):
+    if bundle_fixture.startswith("ov"):
+        pytest.importorskip("nncf")
+    detector = load(request.getfixturevalue(bundle_fixture))
+    serial = [detector.detect(frame) for frame in frames]
+    assert sum(len(d) for d in serial) > 0
+    for depth in (1, 3):
+        streamed = list(detector.stream(iter(frames), depth=depth))
+        assert len(streamed) == len(frames)
+        assert [i for i, (a, b) in enumerate(zip(serial, streamed)) if not same(a, b)] == []
+    assert stream_threads() == []
+
+
+def test_early_stop_leaves_no_thread(cpu_fp32_bundle, frames):
+    detector = load(cpu_fp32_bundle)
+
+    def endless():
+        while True:
+            yield from frames
+
+    results = detector.stream(endless(), depth=3)
+    for _ in range(4):
+        next(results)
+    assert stream_threads()
+    results.close()
+    assert stream_threads() == []
+
+
+def test_bad_depth_is_refused_at_once(cpu_fp32_bundle):
+    with pytest.raises(EdgeYoloError, match="depth"):
+        load(cpu_fp32_bundle).stream([], depth=0)
+
+
+def test_ordered_map_keeps_order_and_bounds_what_is_in_flight():
+    depth, pulled, done, lock = 3, [0], [0], threading.Lock()
+    running, most = [0], [0]
+
+    def source():
+        for i in range(40):
+            pulled[0] += 1
+            assert pulled[0] - done[0] <= depth, "read a frame while depth were already in flight"
+            yield i
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(random.Random(i).uniform(0, 0.004))
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    out = []
+    for value in ordered_map(work, source(), depth):
+        done[0] += 1
+        out.append(value)
+    assert out == [i * i for i in range(40)]
+    assert 1 < most[0] <= depth
+    assert stream_threads() == []
+
+
+def test_a_failing_source_or_frame_stops_cleanly():
+    def source():
+        yield from range(5)
+        raise RuntimeError("camera unplugged")
+
+    with pytest.raises(RuntimeError, match="unplugged"):
+        list(ordered_map(lambda i: i, source(), 2))
+    assert stream_threads() == []
+
+    def work(i):
+        if i == 3:
+            raise EdgeYoloError("frame 3: not an image")
+        return i
+
+    got = []
+    with pytest.raises(EdgeYoloError, match="frame 3"):
+        for value in ordered_map(work, range(100), 4):
+            got.append(value)
+    assert got == [0, 1, 2]  # everything before the bad frame, in order
+    assert stream_threads() == []
