@@ -114,3 +114,27 @@ def test_a_failing_source_or_frame_stops_cleanly():
             got.append(value)
     assert got == [0, 1, 2]  # everything before the bad frame, in order
     assert stream_threads() == []
+
+
+def test_cli_detect_on_a_folder_is_pipelined_and_identical(cpu_fp32_bundle, coco128, tmp_path):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgeyolo.cli import cli
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in sorted((coco128 / "images").glob("*.jpg"))[:7]:
+        shutil.copy(path, folder)
+    (folder / "000000000026.jpg").write_bytes(b"not a jpeg")  # skipped with a warning, order kept
+    runs = {}
+    for depth in (1, 4):
+        result = CliRunner().invoke(cli, ["detect", str(cpu_fp32_bundle), str(folder), "--json", "--depth", str(depth)])
+        assert result.exit_code == 0, result.output
+        runs[depth] = json.loads(result.stdout[result.stdout.index("["):])
+    names = [r["source"].rsplit("/", 1)[-1] for r in runs[4]]
+    assert names == sorted(p.name for p in folder.iterdir() if p.name != "000000000026.jpg")
+    assert runs[1] == runs[4] and any(r["detections"] for r in runs[4])
+    assert stream_threads() == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import groupby
 from pathlib import Path
 
 import click
@@ -22,14 +23,15 @@ from .common import cli, err, open_model, out, print_json, progress_bar
 @click.option("--save-dir", type=click.Path(file_okay=False), help="Save annotated images/videos here.")
 @click.option("--save-txt", is_flag=True, help="Also save YOLO txt labels (class xc yc w h conf) in SAVE_DIR/labels.")
 @click.option("--save-json", is_flag=True, help="Also save COCO results (SAVE_DIR/predictions.json).")
-def detect(model, sources, conf, iou, max_det, as_json, save_dir, save_txt, save_json):
+@click.option("--depth", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="Images in flight at once (read, inferred, post-processed in parallel); 1: one at a time.")
+def detect(model, sources, conf, iou, max_det, as_json, save_dir, save_txt, save_json, depth):
     """Detect objects in images, folders, globs, videos or a camera (an index: 0) with a bundle.
 
     MODEL may also be weights: a cpu-fp32 bundle is then built once into the cache.
     Videos and cameras give an annotated mp4 in SAVE_DIR, with the measured FPS drawn on it.
     """
     from ..runtime import load
-    from ..runtime.images import read_image
     from ..sources import resolve_sources
     from ..writers import coco_image_id, coco_results, write_coco_json, write_yolo_txt
 
@@ -41,8 +43,20 @@ def detect(model, sources, conf, iou, max_det, as_json, save_dir, save_txt, save
     if save:
         save.mkdir(parents=True, exist_ok=True)
     results, coco = [], []
-    for source in inputs:
-        if source.kind in ("video", "camera"):
+    for is_stream, group in groupby(inputs, key=lambda source: source.kind in ("video", "camera")):
+        if not is_stream:
+            for source, image, dets in _detect_images(detector, group, depth):
+                results.append({"source": str(source.path), "detections": dets.to_list()})
+                if save:
+                    _write_image(save / source.path.name, dets.draw(image))
+                if save_txt:
+                    write_yolo_txt(save / "labels" / f"{source.path.stem}.txt", dets)
+                if save_json:
+                    coco += coco_results(dets, coco_image_id(source.path))
+                if not as_json:
+                    out.print(f"[bold]{source.path}[/]: {dets}", highlight=False)
+            continue
+        for source in group:
             try:
                 result = _detect_stream(detector, source, save, save_txt)
             except EdgeYoloError:
@@ -54,28 +68,35 @@ def detect(model, sources, conf, iou, max_det, as_json, save_dir, save_txt, save
                 log.warning("skipping %s: not a readable video (no frames)", source.path)
                 continue
             results.append(result)
-            continue
-        try:
-            image = read_image(source.path)
-        except EdgeYoloError as exc:
-            log.warning("skipping %s", exc)
-            continue
-        dets = detector.detect(image)
-        results.append({"source": str(source.path), "detections": dets.to_list()})
-        if save:
-            _write_image(save / source.path.name, dets.draw(image))
-        if save_txt:
-            write_yolo_txt(save / "labels" / f"{source.path.stem}.txt", dets)
-        if save_json:
-            coco += coco_results(dets, coco_image_id(source.path))
-        if not as_json:
-            out.print(f"[bold]{source.path}[/]: {dets}", highlight=False)
     if save_json:
         write_coco_json(save / "predictions.json", coco)
     if as_json:
         print_json(results)
     elif save:
         err.print(f"results saved to {save}")
+
+
+def _detect_images(detector, sources, depth: int):
+    """(source, image, detections) per readable image, in order, ``depth`` pipelined at once.
+
+    Each image is read and detected in a worker (``runtime.pipeline``), exactly as ``detect()``
+    one by one; an unreadable one is skipped with a warning, logged here in input order.
+    """
+    from ..runtime.images import read_image
+    from ..runtime.pipeline import ordered_map
+
+    def work(source):
+        try:
+            image = read_image(source.path)
+        except EdgeYoloError as exc:
+            return source, None, exc
+        return source, image, detector.detect(image)
+
+    for source, image, dets in ordered_map(work, sources, depth):
+        if image is None:
+            log.warning("skipping %s", dets)
+            continue
+        yield source, image, dets
 
 
 def _write_image(path: Path, image) -> None:
