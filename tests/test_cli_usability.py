@@ -47,6 +47,7 @@ def test_build_with_hxw_says_what_each_long_step_does(yolov5n_pt, tmp_path):
     assert "building the onnxruntime engine for cpu-fp32: done in" in stderr
 
 
+@pytest.mark.slow  # an engine build of its own; CI's full run keeps it
 def test_detect_weights_says_it_builds_a_cached_bundle_and_where(yolov5n_pt, sample_images, tmp_path):
     env = {"EDGEYOLO_CACHE": str(tmp_path / "cache")}
     rc, _, first = run_cli("detect", yolov5n_pt, sample_images[0], env=env)

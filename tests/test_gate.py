@@ -49,6 +49,7 @@ def _no_bundle(out: Path) -> bool:
     return not out.exists() and not list(out.parent.glob(f".{out.name}*"))
 
 
+@pytest.mark.slow  # an engine build of its own; CI's full run keeps it
 def test_gate_fails_a_badly_calibrated_int8_build(yolov5n_pt, small_val, blank_calibration, tmp_path):
     out = tmp_path / "bad-int8"
     result = _build(str(yolov5n_pt), "-t", "intel-cpu-int8", "-o", str(out), "--calib", str(blank_calibration),

@@ -183,6 +183,7 @@ def test_qdq_build_leaves_kept_layers_without_qdq(yolov5n_pt, small_target, smal
     assert bundle.manifest["backend"]["quantization"]["keep_float"] == ["model.1"]
 
 
+@pytest.mark.slow  # an engine build of its own; CI's full run keeps it
 def test_openvino_build_leaves_kept_layers_out_of_int8(yolov5n_pt, small_calibration, tmp_path):
     pytest.importorskip("nncf")
     import openvino as ov
