@@ -366,10 +366,7 @@ def remove_qdq_on(model, tensors) -> int:
                 node.input[i] = rewire[name]
     for node in drop:
         graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)
     return len(quantizers)
 
 
@@ -408,10 +405,7 @@ def _drop_unread_qdq(model) -> None:
             break
         for node in dead:
             graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)
 
 
 def summarize_qdq(model) -> dict:
@@ -439,3 +433,11 @@ def _quiet_quantizer():
             yield
     finally:
         root.setLevel(level)
+
+
+def _drop_unused_initializers(graph) -> None:
+    """Remove the initializers no node reads any more (scales and zero points of removed Q/DQ pairs)."""
+    used = {name for node in graph.node for name in node.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
