@@ -56,13 +56,19 @@ def synthetic_image(height: int = 720, width: int = 1280, seed: int = 0) -> np.n
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def benchmark(detector, images: list[np.ndarray], iters: int = 100, warmup: int = 10) -> BenchResult:
-    """Time ``detector.detect`` over ``images`` (cycled) after ``warmup`` untimed calls."""
+STAGES = ("read", "letterbox", "to_input", "inference", "decode", "nms", "scale", "preprocess", "postprocess", "host")
+
+
+def benchmark(detector, images: list, iters: int = 100, warmup: int = 10) -> BenchResult:
+    """Time ``detector.detect`` over ``images`` (cycled) after ``warmup`` untimed calls.
+
+    ``images`` are BGR arrays, or paths to time reading them too (the ``read`` stage).
+    """
     if iters < 1 or warmup < 0:
         raise ValueError("iters must be >= 1 and warmup >= 0")
     for i in range(warmup):
         detector.detect(images[i % len(images)])
-    totals, stages = [], {"preprocess": [], "inference": [], "postprocess": []}
+    totals, stages = [], {name: [] for name in STAGES}
     for i in range(iters):
         start = time.perf_counter()
         detector.detect(images[i % len(images)])

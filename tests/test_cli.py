@@ -182,7 +182,8 @@ def test_bench_json(cpu_fp32_bundle):
     result = json.loads(stdout)
     assert result["fps"] > 0 and result["peak_rss_mb"] > 0
     assert set(result["latency_ms"]) >= {"p50", "p90", "p99"}
-    assert set(result["stages_ms"]) == {"preprocess", "inference", "postprocess"}
+    assert {"read", "letterbox", "to_input", "inference", "decode", "nms", "scale", "preprocess", "postprocess",
+            "host"} == set(result["stages_ms"])
     assert result["backend"] == "onnxruntime" and result["threads"]
 
 

@@ -182,7 +182,8 @@ def eval_cmd(model, data, backend, per_class, limit, as_json):
 @click.option("--images", "image_source", help="Benchmark on these images (file or folder) instead of a synthetic 1280x720 frame.")
 @click.option("--threads", type=int, help="Engine threads (where the backend takes a count).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def bench(model, iters, warmup, image_source, threads, as_json):
+@click.option("--from-disk", is_flag=True, help="With --images: read each image file in the timed loop (a 'read' stage).")
+def bench(model, iters, warmup, image_source, threads, as_json, from_disk):
     """On-device latency (p50/p90/p99), FPS, per-stage times and peak memory of a bundle."""
     from ..bench import benchmark, synthetic_image
     from ..runtime import load
@@ -192,7 +193,8 @@ def bench(model, iters, warmup, image_source, threads, as_json):
     options = {"threads": threads} if threads is not None else {}
     detector = load(open_model(model), **options)
     if image_source:
-        images = [read_image(s.path) for s in resolve_sources([image_source]) if s.kind == "image"][:16]
+        paths = [s.path for s in resolve_sources([image_source]) if s.kind == "image"][:16]
+        images = [str(path) if from_disk else read_image(path) for path in paths]
         if not images:
             raise EdgeYoloError(f"{image_source}: no images to benchmark on (bench --images takes image files)")
     else:

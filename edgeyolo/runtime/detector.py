@@ -19,12 +19,35 @@ from .preprocess import LetterboxSettings, letterbox, to_input
 
 @dataclass
 class StageTimes:
-    """Seconds spent per stage by the last ``detect`` call (read by ``bench``)."""
+    """Seconds spent per stage by the last ``detect`` call (read by ``bench``).
 
-    preprocess: float = 0.0
+    ``read`` is decoding the image (zero for an array); ``preprocess`` = ``letterbox`` +
+    ``to_input``; ``postprocess`` = ``decode`` (head rows → boxes) + ``nms`` + ``scale``
+    (boxes back to the caller's image). ``host`` is everything but ``inference``.
+    """
+
+    read: float = 0.0
+    letterbox: float = 0.0
+    to_input: float = 0.0
     inference: float = 0.0
-    postprocess: float = 0.0
+    decode: float = 0.0
+    nms: float = 0.0
+    scale: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    FINE = ("read", "letterbox", "to_input", "inference", "decode", "nms", "scale")
+
+    @property
+    def preprocess(self) -> float:
+        return self.letterbox + self.to_input
+
+    @property
+    def postprocess(self) -> float:
+        return self.decode + self.nms + self.scale
+
+    @property
+    def host(self) -> float:
+        return self.read + self.preprocess + self.postprocess
 
 
 class Detector:
@@ -70,7 +93,7 @@ class Detector:
                                               self.max_det if max_det is None else max_det)
         single = not isinstance(images, (list, tuple))
         results = [
-            self._detect_one(as_bgr(image), conf, iou, max_det, multi_label, agnostic, classes)
+            self._detect_one(image, conf, iou, max_det, multi_label, agnostic, classes)
             for image in ([images] if single else images)
         ]
         return results[0] if single else results
@@ -94,24 +117,30 @@ class Detector:
                                               self.max_det if max_det is None else max_det)
 
         def work(frame) -> Detections:
-            return self._detect_one(as_bgr(frame), conf, iou, max_det, multi_label, agnostic, classes)
+            return self._detect_one(frame, conf, iou, max_det, multi_label, agnostic, classes)
 
         return ordered_map(work, frames, depth)
 
-    def _detect_one(self, image, conf, iou, max_det, multi_label, agnostic, classes) -> Detections:
+    def _detect_one(self, source, conf, iou, max_det, multi_label, agnostic, classes) -> Detections:
         t0 = time.perf_counter()
-        boxed, info = letterbox(image, self.letterbox)
-        batch = to_input(boxed, self.layout)
+        image = as_bgr(source)
         t1 = time.perf_counter()
-        raw = self.engine.infer(batch)
+        boxed, info = letterbox(image, self.letterbox)
         t2 = time.perf_counter()
+        batch = to_input(boxed, self.layout)
+        t3 = time.perf_counter()
+        raw = self.engine.infer(batch)
+        t4 = time.perf_counter()
         pred = self.decode(raw, info.input_hw)[0]
+        t5 = time.perf_counter()
         rows = non_max_suppression(
             pred, conf, iou, max_det, multi_label=multi_label, agnostic=agnostic, classes=classes,
         )
+        t6 = time.perf_counter()
         rows[:, :4] = scale_boxes(rows[:, :4], info)
-        t3 = time.perf_counter()
-        self.last_times = StageTimes(preprocess=t1 - t0, inference=t2 - t1, postprocess=t3 - t2)
+        t7 = time.perf_counter()
+        self.last_times = StageTimes(read=t1 - t0, letterbox=t2 - t1, to_input=t3 - t2, inference=t4 - t3,
+                                     decode=t5 - t4, nms=t6 - t5, scale=t7 - t6)
         return Detections.from_rows(rows, self.names, image_hw=info.orig_hw)
 
     def decode(self, raw: np.ndarray, input_hw) -> np.ndarray:
