@@ -8,13 +8,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ..bundle import Bundle, load_bundle
 from .detections import Detections
 from .images import as_bgr
-from .postprocess import decode_sigmoid_head, non_max_suppression, scale_boxes
-from .preprocess import LetterboxSettings, letterbox, to_input
+from .postprocess import head_candidates, non_max_suppression, scale_boxes
+from .preprocess import (
+    LetterboxCanvas,
+    LetterboxSettings,
+    input_shape,
+    letterbox,
+    to_input,
+)
 
 
 @dataclass
@@ -125,13 +129,15 @@ class Detector:
         t0 = time.perf_counter()
         image = as_bgr(source)
         t1 = time.perf_counter()
-        boxed, info = letterbox(image, self.letterbox)
+        canvas = self._canvas()
+        boxed, info = letterbox(image, self.letterbox, canvas)
         t2 = time.perf_counter()
-        batch = to_input(boxed, self.layout)
+        batch = to_input(boxed, self.layout, out=canvas.input_buffer(input_shape(boxed, self.layout)))
         t3 = time.perf_counter()
         raw = self.engine.infer(batch)
         t4 = time.perf_counter()
-        pred = self.decode(raw, info.input_hw)[0]
+        pred = head_candidates(raw[0], conf, info.input_hw, self.output["head"], self.output["strides"],
+                               self.output["anchors"])
         t5 = time.perf_counter()
         rows = non_max_suppression(
             pred, conf, iou, max_det, multi_label=multi_label, agnostic=agnostic, classes=classes,
@@ -143,12 +149,12 @@ class Detector:
                                      decode=t5 - t4, nms=t6 - t5, scale=t7 - t6)
         return Detections.from_rows(rows, self.names, image_hw=info.orig_hw)
 
-    def decode(self, raw: np.ndarray, input_hw) -> np.ndarray:
-        """The engine's output in YOLOv5's decoded layout (boxes in input pixels)."""
-        raw = np.asarray(raw, dtype=np.float32)
-        if self.output["head"] == "sigmoid":
-            return decode_sigmoid_head(raw, input_hw, self.output["strides"], self.output["anchors"])
-        return raw
+    def _canvas(self) -> LetterboxCanvas:
+        """This thread's reused letterbox and input buffers."""
+        canvas = getattr(self._local, "canvas", None)
+        if canvas is None:
+            canvas = self._local.canvas = LetterboxCanvas()
+        return canvas
 
 
 def check_thresholds(conf, iou, max_det) -> tuple[float, float, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from .preprocess import LetterboxInfo
@@ -20,6 +21,24 @@ def decode_sigmoid_head(raw: np.ndarray, input_hw: tuple[int, int], strides, anc
     out[..., 0:2] = (out[..., 0:2] * 2 + grid_xy) * stride
     out[..., 2:4] = (out[..., 2:4] * 2) ** 2 * anchor_wh
     return out
+
+
+def head_candidates(raw: np.ndarray, conf: float, input_hw: tuple[int, int], head: str, strides,
+                    anchors) -> np.ndarray:
+    """One image's head rows ``(N, 5+nc)`` whose objectness passes ``conf``, in YOLOv5's decoded layout.
+
+    Filtering first means a sigmoid head's grid/anchor arithmetic runs on the few dozen
+    candidates, not all N rows (25,200 at 640); the numbers are the same as decoding all.
+    """
+    if raw.dtype != np.float32:
+        raw = raw.astype(np.float32)
+    index = np.flatnonzero(raw[:, 4] > conf)
+    rows = raw[index]  # a copy of the candidates only
+    if head == "sigmoid":
+        grid_xy, anchor_wh, stride = _grids(input_hw, tuple(strides), tuple(map(tuple, anchors)))
+        rows[:, 0:2] = (rows[:, 0:2] * 2 + grid_xy[index]) * stride[index]
+        rows[:, 2:4] = (rows[:, 2:4] * 2) ** 2 * anchor_wh[index]
+    return rows
 
 
 _GRID_CACHE: dict = {}
@@ -52,21 +71,19 @@ def xywh2xyxy(xywh: np.ndarray) -> np.ndarray:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy NMS over xyxy boxes (torchvision's semantics); indices kept, best first."""
-    order = np.argsort(-scores, kind="stable")
-    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    areas = (x2 - x1) * (y2 - y1)
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        rest = order[1:]
-        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
-        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
-        inter = w * h
-        iou = inter / (areas[i] + areas[rest] - inter + 1e-12)
-        order = rest[iou <= iou_threshold]
-    return np.asarray(keep, dtype=np.int64)
+    """Greedy NMS over xyxy boxes (torchvision's semantics); indices kept, best first.
+
+    OpenCV's C++ ``NMSBoxes`` (highest score first, ties in input order, a box dropped when
+    its IoU with a kept one exceeds the threshold): the same boxes in the same order as a
+    Python loop, several times faster on the thousands of boxes of ``conf 0.001``. Scores
+    must be positive, as every score that passed a confidence threshold is.
+    """
+    if not len(scores):
+        return np.zeros((0,), np.int64)
+    xywh = np.asarray(boxes, dtype=np.float32).copy()
+    xywh[:, 2:4] -= xywh[:, 0:2]
+    kept = cv2.dnn.NMSBoxes(xywh, np.asarray(scores, dtype=np.float32), 0.0, float(iou_threshold))
+    return np.asarray(kept, dtype=np.int64).reshape(-1)
 
 
 def non_max_suppression(

@@ -1,0 +1,158 @@
+"""The lean host path: reused letterbox buffers, one-pass input, candidates-first decode, OpenCV NMS.
+
+Each saving must give exactly the numbers of the plain path it replaced (written out here).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeyolo.runtime.postprocess import (
+    _grids,
+    head_candidates,
+    nms,
+    non_max_suppression,
+)
+from edgeyolo.runtime.preprocess import (
+    LetterboxCanvas,
+    LetterboxSettings,
+    letterbox,
+    to_input,
+)
+
+STRIDES, ANCHORS = [8, 16, 32], [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
+
+
+def plain_letterbox(image, settings):
+    """YOLOv5's letterbox written out: resize, then pad (what the canvas must reproduce)."""
+    h0, w0 = image.shape[:2]
+    r = min(settings.imgsz[0] / h0, settings.imgsz[1] / w0)
+    w, h = int(round(w0 * r)), int(round(h0 * r))
+    dw, dh = (settings.imgsz[1] - w) / 2, (settings.imgsz[0] - h) / 2
+    if (w, h) != (w0, h0):
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.copyMakeBorder(image, int(round(dh - 0.1)), int(round(dh + 0.1)), int(round(dw - 0.1)),
+                              int(round(dw + 0.1)), cv2.BORDER_CONSTANT, value=(114, 114, 114))
+
+
+def plain_to_input(boxed, layout):
+    rgb = boxed[:, :, ::-1]
+    if layout == "NCHW":
+        rgb = rgb.transpose(2, 0, 1)
+    return np.ascontiguousarray(rgb, dtype=np.float32)[None] / np.float32(255.0)
+
+
+def plain_nms(boxes, scores, iou_threshold):
+    """The greedy Python loop the OpenCV NMS replaced."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        order = rest[inter / (areas[i] + areas[rest] - inter + 1e-12) <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+SHAPES = [(480, 640), (1080, 810), (720, 1280), (640, 640), (100, 37), (480, 640), (300, 1000)]
+
+
+def test_canvas_letterbox_equals_the_plain_one_across_geometry_changes():
+    rng = np.random.default_rng(0)
+    settings, canvas = LetterboxSettings(imgsz=(320, 416)), LetterboxCanvas()
+    for h, w in SHAPES + SHAPES[::-1]:
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        boxed, info = letterbox(image, settings, canvas)
+        expected, expected_info = letterbox(image, settings)
+        assert np.array_equal(boxed, plain_letterbox(image, settings)) and np.array_equal(boxed, expected)
+        assert info == expected_info
+        assert boxed is canvas.buffer  # reused, not reallocated
+
+
+def test_canvas_per_thread_keeps_threads_apart():
+    settings = LetterboxSettings(imgsz=(256, 256))
+    images = [np.random.default_rng(i).integers(0, 256, SHAPES[i % len(SHAPES)] + (3,), dtype=np.uint8)
+              for i in range(8)]
+    expected = [plain_to_input(plain_letterbox(im, settings), "NCHW") for im in images]
+    failures = []
+
+    def run(offset):
+        canvas = LetterboxCanvas()
+        for k in range(40):
+            i = (k + offset) % len(images)
+            boxed, _ = letterbox(images[i], settings, canvas)
+            batch = to_input(boxed, "NCHW", out=canvas.input_buffer((1, 3, 256, 256)))
+            if not np.array_equal(batch, expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_to_input_is_exactly_rgb_over_255(layout):
+    boxed = np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    got = to_input(boxed, layout)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    assert np.array_equal(got, plain_to_input(boxed, layout))
+
+
+@pytest.mark.parametrize("head", ["sigmoid", "decoded"])
+@pytest.mark.parametrize("conf", [0.0, 0.001, 0.25, 0.9])
+def test_candidates_first_decode_equals_decoding_every_row(head, conf):
+    input_hw = (256, 320)
+    rows = sum((input_hw[0] // s) * (input_hw[1] // s) * 3 for s in STRIDES)
+    raw = np.random.default_rng(2).uniform(0, 1, (rows, 85)).astype(np.float32)
+    got = head_candidates(raw, conf, input_hw, head, STRIDES, ANCHORS)
+    full = raw.copy()
+    if head == "sigmoid":
+        grid_xy, anchor_wh, stride = _grids(input_hw, tuple(STRIDES), tuple(map(tuple, ANCHORS)))
+        full[:, 0:2] = (full[:, 0:2] * 2 + grid_xy) * stride
+        full[:, 2:4] = (full[:, 2:4] * 2) ** 2 * anchor_wh
+    assert np.array_equal(got, full[full[:, 4] > conf])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_opencv_nms_keeps_what_the_greedy_loop_keeps(seed):
+    rng = np.random.default_rng(seed)
+    n = [5, 60, 400, 2000, 3000, 1][seed]
+    xy = rng.uniform(0, 600, (n, 2)).astype(np.float32)
+    wh = rng.uniform(2, 120, (n, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + wh], 1)
+    scores = rng.choice(np.linspace(0.01, 1, 50), n).astype(np.float32)  # ties, as real scores have
+    labels = rng.integers(0, 5, n)
+    offset = boxes + labels[:, None].astype(np.float32) * 7680
+    for iou in (0.3, 0.45, 0.6):
+        assert np.array_equal(nms(offset, scores, iou), plain_nms(offset, scores, iou))
+
+
+def test_nms_on_a_real_image_matches_the_loop(cpu_fp32_bundle, sample_images):
+    """conf 0.001, multi-label (eval settings): thousands of real, heavily overlapping boxes."""
+    import edgeyolo
+
+    detector = edgeyolo.load(cpu_fp32_bundle)
+    image = cv2.imread(str(sample_images[0]))
+    boxed, info = letterbox(image, detector.letterbox)
+    raw = detector.engine.infer(to_input(boxed))[0]
+    pred = head_candidates(raw, 0.001, info.input_hw, "decoded", STRIDES, ANCHORS)
+    cls = pred[:, 5:] * pred[:, 4:5]
+    i, j = np.nonzero(cls > 0.001)
+    xywh = pred[i, :4]
+    boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+    offset = boxes + j[:, None].astype(np.float32) * 7680
+    assert len(offset) > 1000
+    assert np.array_equal(nms(offset, cls[i, j], 0.6), plain_nms(offset, cls[i, j], 0.6))
+    rows = non_max_suppression(pred, 0.001, 0.6, multi_label=True)
+    assert 0 < len(rows) <= 300
