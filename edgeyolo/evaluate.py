@@ -18,7 +18,8 @@ from ._optional import missing_message
 from .datasets import Dataset
 from .errors import EdgeYoloError
 from .log import log
-from .runtime.images import read_image
+from .runtime.images import read_image_reduced
+from .runtime.postprocess import rescale_boxes
 
 VAL_CONF, VAL_IOU, VAL_MAX_DET = 0.001, 0.6, 300
 
@@ -48,22 +49,25 @@ def evaluate(detector, dataset: Dataset, per_class: bool = False,
     images, annotations, predictions = [], [], []
     skipped = 0
     samples = dataset.samples[:limit] if limit else dataset.samples
+    # as detect() on a path: large JPEGs decoded at reduced scale where the detector does so
+    reduced_fit = detector.letterbox.imgsz if getattr(detector, "reduced_decode", False) else None
     for image_id, sample in enumerate(samples):
         try:
-            image = read_image(sample.image)
+            image, (height, width) = read_image_reduced(sample.image, reduced_fit)
         except EdgeYoloError as exc:
             skipped += 1
             log.warning("skipping %s", exc)
             if progress:
                 progress(1)
             continue
-        height, width = image.shape[:2]
         images.append({"id": image_id, "width": width, "height": height, "file_name": sample.image.name})
         for box, cls in zip(sample.boxes_for(height, width), sample.classes):
             x1, y1, x2, y2 = (float(v) for v in box)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cls),
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
         dets = detector.detect(image, conf=VAL_CONF, iou=VAL_IOU, max_det=VAL_MAX_DET, multi_label=True)
+        if image.shape[:2] != (height, width):  # read at reduced scale: boxes back to the file's size
+            dets.xyxy = rescale_boxes(dets.xyxy, image.shape[:2], (height, width))
         for box, score, cls in zip(dets.xyxy, dets.confidence, dets.class_id):
             x1, y1, x2, y2 = (float(v) for v in box)
             predictions.append({"image_id": image_id, "category_id": int(cls), "bbox": [x1, y1, x2 - x1, y2 - y1],

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from edgeyolo.runtime.images import jpeg_size, read_image_reduced, reduction
 from edgeyolo.runtime.postprocess import (
     _grids,
     head_candidates,
@@ -156,3 +157,52 @@ def test_nms_on_a_real_image_matches_the_loop(cpu_fp32_bundle, sample_images):
     assert np.array_equal(nms(offset, cls[i, j], 0.6), plain_nms(offset, cls[i, j], 0.6))
     rows = non_max_suppression(pred, 0.001, 0.6, multi_label=True)
     assert 0 < len(rows) <= 300
+
+
+# --------------------------------------------------------------------------- reduced-scale JPEG decode
+def test_jpeg_size_reads_the_frame_header(sample_images, tmp_path):
+    for path in sample_images:
+        data = np.fromfile(str(path), np.uint8)
+        assert jpeg_size(data) == cv2.imread(str(path), cv2.IMREAD_UNCHANGED).shape[:2]
+    png = tmp_path / "x.png"
+    cv2.imwrite(str(png), np.zeros((8, 8, 3), np.uint8))
+    assert jpeg_size(np.fromfile(str(png), np.uint8)) is None
+    assert jpeg_size(np.frombuffer(b"\xff\xd8\xff\xe0\x00", np.uint8)) is None  # truncated
+
+
+@pytest.mark.parametrize("full_hw, fit_hw, factor", [
+    ((720, 1280), (640, 640), 2), ((1080, 810), (640, 640), 1), ((2160, 3840), (640, 640), 4),
+    ((480, 640), (320, 320), 2), ((480, 640), (640, 640), 1), ((1279, 1279), (640, 640), 1)])
+def test_reduction_only_when_the_letterbox_shrinks_at_least_k_times(full_hw, fit_hw, factor):
+    assert reduction(full_hw, fit_hw) == factor
+
+
+def test_reduced_decode_gives_the_same_detections_in_full_size_coordinates(cpu_fp32_bundle, sample_images, tmp_path):
+    from detection_match import unmatched
+
+    import edgeyolo
+
+    big = tmp_path / "zidane-4k.jpg"  # 3x the input: read at 1/4 (zidane itself, 1280x720, at 1/2)
+    cv2.imwrite(str(big), cv2.resize(cv2.imread(str(sample_images[1])), (3840, 2160)), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    full, reduced = edgeyolo.load(cpu_fp32_bundle, reduced_decode=False), edgeyolo.load(cpu_fp32_bundle)
+    for path, factor in ((sample_images[1], 2), (big, 4)):
+        image, hw = read_image_reduced(path, (640, 640))
+        assert image.shape[:2] == (-(-hw[0] // factor), -(-hw[1] // factor))
+        a, b = full.detect(str(path)), reduced.detect(str(path))
+        assert b.image_hw == a.image_hw == hw and len(a) >= 3
+        assert (b.xyxy[:, 2] <= hw[1]).all() and (b.xyxy[:, 3] <= hw[0]).all()
+        for ref, got in ((a, b), (b, a)):
+            assert not unmatched(ref, got, score_tol=0.1, min_iou=0.9, min_score=0.4)
+
+
+@pytest.mark.slow
+def test_reduced_decode_accuracy_on_coco_val_at_320(yolov5n_pt, coco_val_dataset, tmp_path):
+    """Documented: at a 320 input (every 640-wide coco-val-500 image read at 1/2) mAP50-95 moves +0.08."""
+    import edgeyolo
+    from edgeyolo.build import BuildOptions, build_bundle
+    from edgeyolo.evaluate import evaluate
+
+    bundle = build_bundle(yolov5n_pt, "cpu-fp32", tmp_path / "b320", BuildOptions(imgsz=320))
+    full = evaluate(edgeyolo.load(bundle, reduced_decode=False), coco_val_dataset)
+    reduced = evaluate(edgeyolo.load(bundle), coco_val_dataset)
+    assert abs(reduced.map50_95 - full.map50_95) * 100 <= 0.1 and abs(reduced.map50 - full.map50) * 100 <= 0.2

@@ -138,3 +138,11 @@ def scale_boxes(xyxy: np.ndarray, info: LetterboxInfo) -> np.ndarray:
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)
     return out
+
+
+def rescale_boxes(xyxy: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
+    """Boxes on an image of ``from_hw`` → the same image at ``to_hw`` (a reduced-scale read's full size)."""
+    out = xyxy.copy()
+    out[:, [0, 2]] = (out[:, [0, 2]] * np.float32(to_hw[1] / from_hw[1])).clip(0, to_hw[1])
+    out[:, [1, 3]] = (out[:, [1, 3]] * np.float32(to_hw[0] / from_hw[0])).clip(0, to_hw[0])
+    return out
