@@ -152,20 +152,22 @@ def check_backend_options(options: Fields, backend: str) -> dict:
         TrtOptions.from_options(options.data)
         return dict(options.data)
     if backend == "onnxruntime":
-        options.only(("intra_op_threads", "graph_optimization"))
+        options.only(("intra_op_threads", "graph_optimization", "uint8_input"))
         options.integer("intra_op_threads", default=0, lo=0, hi=1024)
         options.string("graph_optimization", default="all", choices=GRAPH_OPTIMIZATIONS)
+        options.boolean("uint8_input", default=True)
     elif backend == "openvino":
         from .backends.openvino import HINTS, PRECISIONS, PRESETS, RANGES
 
         options.only(("preset", "activations_range", "fast_bias_correction", "performance_hint", "threads",
-                      "inference_precision"))
+                      "inference_precision", "uint8_input"))
         options.string("preset", default="mixed", choices=PRESETS)
         options.string("activations_range", default="histogram", choices=RANGES)
         options.boolean("fast_bias_correction", default=True)
         options.string("performance_hint", default="LATENCY", choices=HINTS)
         options.integer("threads", default=0, lo=0, hi=1024)
         options.string("inference_precision", default="f32", choices=PRECISIONS)
+        options.boolean("uint8_input", default=True)
     elif backend == "tflite":
         options.only(("threads", "io_dtype"))
         options.integer("threads", default=0, lo=0, hi=1024)

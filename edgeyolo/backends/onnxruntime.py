@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeYoloError
-from . import BuildResult, require
+from . import BuildResult, image_input, require
 
 NAME = "onnxruntime"
 ENGINE_FILE = "model.onnx"
@@ -21,11 +21,15 @@ _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exten
 def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResult:
     ort = require("onnxruntime", NAME)
     if target.precision == "int8":
-        return _build_int8(onnx_path, target, out_dir, calibration, ort.__version__)
-    if target.precision != "fp32":
+        result = _build_int8(onnx_path, target, out_dir, calibration, ort.__version__)
+    elif target.precision == "fp32":
+        shutil.copyfile(onnx_path, out_dir / ENGINE_FILE)
+        result = BuildResult(files={"engine": ENGINE_FILE, "onnx": ENGINE_FILE}, info={"version": ort.__version__})
+    else:
         raise EdgeYoloError(f"onnxruntime targets are fp32 or int8, not {target.precision}")
-    shutil.copyfile(onnx_path, out_dir / ENGINE_FILE)
-    return BuildResult(files={"engine": ENGINE_FILE, "onnx": ENGINE_FILE}, info={"version": ort.__version__})
+    if target.backend_options.get(image_input.OPTION, True):  # after quantising, which calibrates on floats
+        result.input = image_input.manifest_input(image_input.prepend_to_onnx(out_dir / ENGINE_FILE))
+    return result
 
 
 def _build_int8(onnx_path: Path, target, out_dir: Path, calibration, version: str) -> BuildResult:

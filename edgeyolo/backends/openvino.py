@@ -32,6 +32,7 @@ HINTS = ("LATENCY", "THROUGHPUT")
 PRESETS = ("performance", "mixed")
 # NNCF's ways to turn observed activations into INT8 ranges (RangeEstimatorParametersSet)
 PRECISIONS = ("f32", "bf16", "f16", "auto")
+UINT8_OPTION = "uint8_input"  # the engine takes the BGR uint8 letterbox (backends.image_input)
 RANGES = ("histogram", "minmax", "mean_minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile")
 
 
@@ -44,9 +45,31 @@ def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResu
             "inference_precision": resolve_precision(ov.Core(), options.get("inference_precision", "f32"))}
     if target.precision == "int8":
         model, info["nncf_version"], info["ignored_nodes"] = quantize(model, target, calibration, options)
+    image_input = {}
+    if options.get(UINT8_OPTION, True):  # after quantising, which calibrates on floats
+        model, image_input = take_uint8_image(model)
     # save_model compresses weights to FP16 unless told not to; only the fp16 target wants that.
     ov.save_model(model, str(out_dir / ENGINE_FILE), compress_to_fp16=target.precision == "fp16")
-    return BuildResult(files={"engine": ENGINE_FILE, "weights": WEIGHTS_FILE}, info=info)
+    return BuildResult(files={"engine": ENGINE_FILE, "weights": WEIGHTS_FILE}, info=info, input=image_input)
+
+
+def take_uint8_image(model):
+    """The model behind OpenVINO's PrePostProcessor: BGR uint8 NHWC in, RGB float NCHW / 255 inside.
+
+    Returns (model, the manifest's ``input`` fields). See ``backends.image_input`` for why.
+    """
+    ov = require("openvino", NAME)
+    from openvino.preprocess import ColorFormat, PrePostProcessor
+
+    from .image_input import manifest_input
+
+    shape = [d.get_length() if d.is_static else name
+             for d, name in zip(model.inputs[0].get_partial_shape(), ("batch", "channels", "height", "width"))]
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.BGR)
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB).scale(255.0)
+    return ppp.build(), manifest_input(shape)
 
 
 def quantize(model, target, calibration, options: dict):

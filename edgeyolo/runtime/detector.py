@@ -81,6 +81,7 @@ class Detector:
         manifest = bundle.manifest
         self.letterbox = LetterboxSettings.from_dict(manifest["preprocess"])
         self.layout = manifest["input"].get("layout", "NCHW")
+        self.takes_image = is_image_input(manifest["input"])
         self.output = manifest["output"]
         self.names = manifest["names"]
         self.conf, self.iou, self.max_det = check_thresholds(conf, iou, max_det)
@@ -149,7 +150,10 @@ class Detector:
         canvas = self._canvas()
         boxed, info = letterbox(image, self.letterbox, canvas)
         t2 = time.perf_counter()
-        batch = to_input(boxed, self.layout, out=canvas.input_buffer(input_shape(boxed, self.layout)))
+        if self.takes_image:  # the engine converts the letterbox itself (backends.image_input)
+            batch = boxed[None]
+        else:
+            batch = to_input(boxed, self.layout, out=canvas.input_buffer(input_shape(boxed, self.layout)))
         t3 = time.perf_counter()
         raw = self.engine.infer(batch)
         t4 = time.perf_counter()
@@ -174,6 +178,19 @@ class Detector:
         if canvas is None:
             canvas = self._local.canvas = LetterboxCanvas()
         return canvas
+
+
+def is_image_input(spec: dict) -> bool:
+    """Whether the engine takes the BGR uint8 NHWC letterbox itself (else RGB float32 in 0..1, as before)."""
+    from ..errors import EdgeYoloError
+
+    dtype = spec.get("dtype", "float32")
+    if dtype == "float32":
+        return False
+    if dtype == "uint8" and spec.get("layout") == "NHWC" and spec.get("channel_order") == "BGR":
+        return True
+    raise EdgeYoloError(f"this runtime cannot feed a {dtype} {spec.get('layout')} "
+                        f"{spec.get('channel_order', '')} engine input; upgrade edgeyolo")
 
 
 def check_thresholds(conf, iou, max_det) -> tuple[float, float, int]:

@@ -1,0 +1,98 @@
+"""In-engine preprocessing: engines that take the BGR uint8 letterbox find what host preprocessing finds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from detection_match import unmatched
+
+import edgeyolo
+from edgeyolo.errors import EdgeYoloError
+from edgeyolo.runtime.detector import is_image_input
+
+MIN_IOU = 0.99
+
+
+def _host_preprocessing_twin(weights, target_name, tmp_path_factory, calibration=None):
+    """The same target built with ``uint8_input = false``: a float engine fed by host preprocessing."""
+    from edgeyolo.build import build_bundle
+    from edgeyolo.targets import load_target
+
+    target = load_target(target_name)
+    target = dataclasses.replace(target, backend_options={**target.backend_options, "uint8_input": False})
+    out = tmp_path_factory.mktemp("bundles") / f"{target_name}-float-input"
+    return build_bundle(weights, target, out, calibration=calibration).path
+
+
+def _detect_all(bundle, paths):
+    detector = edgeyolo.load(bundle)
+    return detector, [detector.detect(str(p), conf=0.1) for p in paths]
+
+
+def _assert_same_detections(image_bundle, float_bundle, paths):
+    image_detector, image_dets = _detect_all(image_bundle, paths)
+    float_detector, float_dets = _detect_all(float_bundle, paths)
+    assert image_detector.takes_image and not float_detector.takes_image
+    assert sum(map(len, float_dets)) >= 20
+    for a, b in zip(image_dets, float_dets):
+        assert not unmatched(a, b, score_tol=0.01, min_iou=MIN_IOU)
+        assert not unmatched(b, a, score_tol=0.01, min_iou=MIN_IOU)
+
+
+@pytest.fixture(scope="module")
+def images(sample_images, coco128):
+    return list(sample_images) + sorted((coco128 / "images").glob("*.jpg"))[:6]
+
+
+def test_onnxruntime_engine_takes_the_uint8_letterbox(cpu_fp32_bundle, yolov5n_pt, tmp_path_factory, images):
+    spec = json.loads((cpu_fp32_bundle / "manifest.json").read_text())["input"]
+    assert (spec["layout"], spec["dtype"], spec["channel_order"], spec["shape"]) == ("NHWC", "uint8", "BGR",
+                                                                                     [1, 640, 640, 3])
+    _assert_same_detections(cpu_fp32_bundle, _host_preprocessing_twin(yolov5n_pt, "cpu-fp32", tmp_path_factory),
+                            images)
+
+
+def test_openvino_engine_takes_the_uint8_letterbox(ov_fp32_bundle, yolov5n_pt, tmp_path_factory, images):
+    _assert_same_detections(ov_fp32_bundle, _host_preprocessing_twin(yolov5n_pt, "intel-cpu-fp32", tmp_path_factory),
+                            images)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["intel-cpu-int8", "cpu-int8"])
+def test_int8_engines_take_the_uint8_letterbox(target, yolov5n_pt, int8_calibration, tmp_path_factory, images):
+    from edgeyolo.build import build_bundle
+
+    image_bundle = build_bundle(yolov5n_pt, target, tmp_path_factory.mktemp("bundles") / target,
+                                calibration=int8_calibration).path
+    float_bundle = _host_preprocessing_twin(yolov5n_pt, target, tmp_path_factory, int8_calibration)
+    _assert_same_detections(image_bundle, float_bundle, images)
+
+
+def test_unknown_engine_inputs_are_refused_in_one_line():
+    assert not is_image_input({"layout": "NCHW"}) and not is_image_input({"dtype": "float32", "layout": "NHWC"})
+    assert is_image_input({"dtype": "uint8", "layout": "NHWC", "channel_order": "BGR"})
+    for spec in ({"dtype": "float16"}, {"dtype": "uint8", "layout": "NCHW", "channel_order": "BGR"},
+                 {"dtype": "uint8", "layout": "NHWC", "channel_order": "RGB"}):
+        with pytest.raises(EdgeYoloError, match="cannot feed"):
+            is_image_input(spec)
+
+
+def test_the_float_graph_is_unchanged_behind_the_new_input(tmp_path, exported_onnx):
+    """The prepended nodes compute exactly float32(x) / 255 in RGB NCHW: same outputs, bit for bit."""
+    import shutil
+
+    import onnxruntime as ort
+
+    from edgeyolo.backends.image_input import prepend_to_onnx
+    from edgeyolo.runtime.preprocess import to_input
+
+    source = exported_onnx["decoded"]
+    path = tmp_path / "m.onnx"
+    shutil.copyfile(source, path)
+    assert prepend_to_onnx(path)[1:] == [3, 640, 640]
+    boxed = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)
+    run = lambda p, x: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]  # noqa: E731
+    np.testing.assert_array_equal(run(path, boxed[None]), run(source, to_input(boxed)))
