@@ -17,8 +17,8 @@ def test_manifest_describes_the_bundle(cpu_fp32_bundle, yolov5n_pt):
     manifest = json.loads((cpu_fp32_bundle / "manifest.json").read_text())
     assert manifest["format"] == "edgeyolo-bundle/1"
     assert manifest["target"]["name"] == "cpu-fp32" and manifest["target"]["precision"] == "fp32"
-    assert manifest["input"] == {"name": "images", "shape": [1, 3, 640, 640], "layout": "NCHW", "dtype": "float32",
-                                 "dynamic_batch": False, "dynamic_shape": False}
+    assert manifest["input"] == {"name": "images", "shape": [1, 640, 640, 3], "layout": "NHWC", "dtype": "uint8",
+                                 "channel_order": "BGR", "dynamic_batch": False, "dynamic_shape": False}
     assert manifest["preprocess"]["imgsz"] == [640, 640] and manifest["preprocess"]["color"] == 114
     assert manifest["preprocess"]["auto"] is False
     out = manifest["output"]

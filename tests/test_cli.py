@@ -70,7 +70,7 @@ def test_build_rounds_imgsz_up_with_a_warning(yolov5n_pt, tmp_path):
     assert rc == 0, stderr
     assert "warning:" in stderr and "updated to [640, 640]" in stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["input"]["shape"] == [1, 3, 640, 640]
+    assert manifest["input"]["shape"] == [1, 640, 640, 3]  # the engine takes the uint8 letterbox (NHWC)
 
 
 @pytest.mark.parametrize(
@@ -231,7 +231,7 @@ def test_build_with_a_target_file_of_ones_own(yolov5n_pt, tmp_path):
     result = CliRunner().invoke(cli, ["build", str(yolov5n_pt), "--target", str(mine), "-o", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["target"]["name"] == "mine" and manifest["input"]["shape"] == [1, 3, 256, 320]
+    assert manifest["target"]["name"] == "mine" and manifest["input"]["shape"] == [1, 256, 320, 3]
     assert manifest["preprocess"]["imgsz"] == [256, 320]
     assert_one_line_error(*run_cli("build", yolov5n_pt, "--target", tmp_path / "nowhere.toml", "-o", tmp_path / "c"),
                           "no such target file")

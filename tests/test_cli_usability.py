@@ -42,7 +42,7 @@ def test_imgsz_rejects_what_is_not_a_size(text):
 def test_build_with_hxw_says_what_each_long_step_does(yolov5n_pt, tmp_path):
     rc, _, stderr = run_cli("build", yolov5n_pt, "--target", "cpu-fp32", "--imgsz", "320x480", "-o", tmp_path / "b")
     assert rc == 0, stderr
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["input"]["shape"] == [1, 3, 320, 480]
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["input"]["shape"] == [1, 320, 480, 3]
     assert "exporting yolov5n.pt to ONNX at 320x480" in stderr
     assert "building the onnxruntime engine for cpu-fp32: done in" in stderr
 
