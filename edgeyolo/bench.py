@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .runtime.detector import StageTimes
+
 
 @dataclass
 class BenchResult:
@@ -56,7 +58,7 @@ def synthetic_image(height: int = 720, width: int = 1280, seed: int = 0) -> np.n
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-STAGES = ("read", "letterbox", "to_input", "inference", "decode", "nms", "scale", "preprocess", "postprocess", "host")
+STAGES = (*StageTimes.FINE, "preprocess", "postprocess", "host")
 
 
 def benchmark(detector, images: list, iters: int = 100, warmup: int = 10) -> BenchResult:

@@ -187,6 +187,16 @@ def test_bench_json(cpu_fp32_bundle):
     assert result["backend"] == "onnxruntime" and result["threads"]
 
 
+def test_bench_from_disk_times_reading(cpu_fp32_bundle, sample_images):
+    rc, stdout, stderr = run_cli("bench", cpu_fp32_bundle, "--images", sample_images[0], "--from-disk", "--iters", "3",
+                                 "--warmup", "1", "--json")
+    assert rc == 0, stderr
+    stages = json.loads(stdout)["stages_ms"]
+    assert stages["read"]["p50"] > 0 and stages["to_input"]["p50"] < stages["inference"]["p50"]
+    assert stages["host"]["mean"] == pytest.approx(sum(stages[s]["mean"] for s in (
+        "read", "letterbox", "to_input", "decode", "nms", "scale")), abs=0.01)
+
+
 def test_targets_and_info(cpu_fp32_bundle):
     rc, stdout, _ = run_cli("targets", "--json")
     names = {t["name"] for t in json.loads(stdout)}
