@@ -25,9 +25,10 @@ from .preprocess import (
     to_input,
 )
 
-# Image files far larger than the input are decoded at 1/2 or 1/4 scale (see images.read_image_reduced).
-# Measured on coco-val-500 with a 320 input (every 640-wide image read at 1/2): mAP50-95 +0.08, mAP50 -0.14.
-REDUCED_DECODE = True
+# Opt-in: image files far larger than the input decoded at 1/2 or 1/4 scale (images.read_image_reduced).
+# On coco-val-500 at a 320 input (every 640-wide image read at 1/2): mAP50-95 +0.08 but mAP50 -0.14,
+# and boxes no longer match upstream detect.py's to float precision (zidane.jpg at 640), so off by default.
+REDUCED_DECODE = False
 
 
 @dataclass
@@ -66,8 +67,8 @@ class StageTimes:
 class Detector:
     """Detect objects with one bundle's engine; ``detect()`` is all most callers need.
 
-    Image *paths* at least twice as large as what the letterbox keeps are decoded at reduced
-    scale (``reduced_decode``; boxes still come in the file's full size). One ``Detector`` may
+    With ``reduced_decode=True``, image *paths* at least twice as large as what the letterbox
+    keeps are decoded at reduced scale (boxes still in the file's full size). One ``Detector`` may
     be shared by several threads: pre- and post-processing keep per-thread buffers only,
     ``last_times`` is per thread, and each backend's engine is thread-safe in its own way
     (ONNX Runtime's session is; OpenVINO lends each call an infer request from a pool; LiteRT's
