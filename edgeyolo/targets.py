@@ -152,10 +152,11 @@ def check_backend_options(options: Fields, backend: str) -> dict:
         TrtOptions.from_options(options.data)
         return dict(options.data)
     if backend == "onnxruntime":
-        options.only(("intra_op_threads", "graph_optimization", "uint8_input"))
+        options.only(("intra_op_threads", "graph_optimization", "uint8_input", "allow_spinning"))
         options.integer("intra_op_threads", default=0, lo=0, hi=1024)
         options.string("graph_optimization", default="all", choices=GRAPH_OPTIMIZATIONS)
         options.boolean("uint8_input", default=True)
+        options.boolean("allow_spinning", default=False)
     elif backend == "openvino":
         from .backends.openvino import HINTS, PRECISIONS, PRESETS, RANGES
 

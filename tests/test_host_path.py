@@ -206,3 +206,14 @@ def test_reduced_decode_accuracy_on_coco_val_at_320(yolov5n_pt, coco_val_dataset
     full = evaluate(edgeyolo.load(bundle), coco_val_dataset)
     reduced = evaluate(edgeyolo.load(bundle, reduced_decode=True), coco_val_dataset)
     assert abs(reduced.map50_95 - full.map50_95) * 100 <= 0.1 and abs(reduced.map50 - full.map50) * 100 <= 0.2
+
+
+def test_onnxruntime_pool_threads_sleep_instead_of_spinning(cpu_fp32_bundle):
+    """Busy-waiting pool threads would take the core the host stages need (allow_spinning = true restores it)."""
+    import edgeyolo
+    from edgeyolo.backends.onnxruntime import session_options
+
+    key = "session.intra_op.allow_spinning"
+    session = edgeyolo.load(cpu_fp32_bundle).engine.session
+    assert session.get_session_options().get_session_config_entry(key) == "0"
+    assert session_options(0, "all", spinning=True).get_session_config_entry(key) == "1"

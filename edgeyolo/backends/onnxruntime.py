@@ -43,12 +43,16 @@ def _build_int8(onnx_path: Path, target, out_dir: Path, calibration, version: st
                        info={"version": version, "quantization": facts})
 
 
-def session_options(threads: int = 0, graph_optimization: str = "all"):
+def session_options(threads: int = 0, graph_optimization: str = "all", spinning: bool = False):
+    """Session options; ``spinning=False`` lets idle pool threads sleep at once (ONNX Runtime's
+    default busy-waits after each run, taking the core the caller's letterbox and NMS need:
+    on this 2-core machine, shared, that halved end-to-end FPS)."""
     ort = require("onnxruntime", NAME)
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[graph_optimization])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
 
 
@@ -65,7 +69,8 @@ class Engine:
         threads = int(os.environ.get("EDGEYOLO_THREADS", threads))
         providers = providers or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(
-            str(bundle.file("onnx")), session_options(threads, opts.get("graph_optimization", "all")),
+            str(bundle.file("onnx")),
+            session_options(threads, opts.get("graph_optimization", "all"), opts.get("allow_spinning", False)),
             providers=providers,
         )
         self.input_name = self.session.get_inputs()[0].name
