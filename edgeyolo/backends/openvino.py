@@ -10,6 +10,10 @@ The bundle holds an OpenVINO IR (``model.xml`` + ``model.bin``). Target options 
   fastest the CPU supports, bf16 > f32, resolved when the engine is compiled): the compiled
   model's properties. The precision actually used is in ``Engine.info``; the build records the
   one its own machine would use in the manifest (``backend.inference_precision``).
+
+``detect()`` runs on the model compiled with the target's hint (LATENCY: one frame, every core).
+``Detector.stream`` uses ``Engine.async_queue``: the same IR compiled a second time (lazily)
+with the THROUGHPUT hint, several streams fed by OpenVINO's ``AsyncInferQueue``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import os
 import queue
 import re
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +172,9 @@ class Engine:
         core = ov.Core()
         model = core.read_model(str(bundle.file("engine")), str(bundle.file("weights")))
         self.compiled = core.compile_model(model, DEVICE, compile_properties(opts, threads, hint, core))
+        self._throughput_model = lambda: core.compile_model(
+            model, DEVICE, compile_properties(opts, threads, "THROUGHPUT", core))
+        self._throughput, self._compile_lock = None, threading.Lock()
         self._requests = queue.LifoQueue()
         self._requests.put(self.compiled.create_infer_request())
         self.info = {
@@ -186,3 +195,41 @@ class Engine:
             return request.infer({0: batch}, share_inputs=True, share_outputs=False)[0]
         finally:
             self._requests.put(request)
+
+    def async_queue(self, depth: int) -> "AsyncQueue":
+        """A queue of ``depth`` asynchronous requests on the THROUGHPUT-compiled model (compiled on first use)."""
+        with self._compile_lock:
+            if self._throughput is None:
+                self._throughput = self._throughput_model()
+        return AsyncQueue(self._throughput, depth)
+
+
+class AsyncQueue:
+    """OpenVINO's ``AsyncInferQueue`` behind futures: ``submit(batch)`` returns at once, the future gets the output.
+
+    The request's callback (an OpenVINO thread) only copies the output out; the caller's thread
+    is free for other frames' host work meanwhile. ``close()`` waits for every request, so no
+    callback runs after it returns.
+    """
+
+    def __init__(self, compiled, depth: int):
+        ov = require("openvino", NAME)
+        self.queue = ov.AsyncInferQueue(compiled, depth)
+        self.queue.set_callback(self._done)
+        self.streams = int(compiled.get_property("NUM_STREAMS"))
+
+    @staticmethod
+    def _done(request, future: Future) -> None:
+        try:
+            future.set_result(request.get_output_tensor(0).data.copy())
+        except Exception as exc:  # surfaces in the consumer's future.result(), not in OpenVINO's thread
+            future.set_exception(exc)
+
+    def submit(self, batch: np.ndarray) -> Future:
+        future: Future = Future()
+        # the input is copied into the request's own tensor: the caller may reuse its buffer at once
+        self.queue.start_async({0: batch}, future, share_inputs=False)
+        return future
+
+    def close(self) -> None:
+        self.queue.wait_all()

@@ -84,34 +84,49 @@ class Detector:
         Results equal ``detect()`` on each frame, in input order. Up to ``depth`` frames are in
         flight at once, each decoded, letterboxed, inferred and post-processed in one of ``depth``
         worker threads over the thread-safe ``detect`` path (see ``runtime.pipeline``), so one
-        frame's host work overlaps another's inference. Stop early by closing the generator (or
+        frame's host work overlaps another's inference. Engines with an asynchronous queue
+        (OpenVINO: THROUGHPUT hint, ``depth`` requests) infer frames while this thread decodes,
+        letterboxes and post-processes others. Stop early by closing the generator (or
         breaking out of a ``for``): pending frames are dropped and the workers joined.
         """
-        from .pipeline import check_depth, ordered_map
+        from .pipeline import check_depth, ordered_async, ordered_map
 
         depth = check_depth(depth)  # now, not at the first next()
         conf, iou, max_det = check_thresholds(self.conf if conf is None else conf, self.iou if iou is None else iou,
                                               self.max_det if max_det is None else max_det)
+        options = (conf, iou, max_det, multi_label, agnostic, classes)
+        if hasattr(self.engine, "async_queue"):  # OpenVINO: its own request queue, host work here
+            return ordered_async(lambda frame: self._prepare(as_bgr(frame)), lambda: self.engine.async_queue(depth),
+                                 lambda raw, info: self._finish(raw, info, *options), frames, depth)
 
         def work(frame) -> Detections:
-            return self._detect_one(as_bgr(frame), conf, iou, max_det, multi_label, agnostic, classes)
+            return self._detect_one(as_bgr(frame), *options)
 
         return ordered_map(work, frames, depth)
 
     def _detect_one(self, image, conf, iou, max_det, multi_label, agnostic, classes) -> Detections:
         t0 = time.perf_counter()
-        boxed, info = letterbox(image, self.letterbox)
-        batch = to_input(boxed, self.layout)
+        batch, info = self._prepare(image)
         t1 = time.perf_counter()
         raw = self.engine.infer(batch)
         t2 = time.perf_counter()
+        dets = self._finish(raw, info, conf, iou, max_det, multi_label, agnostic, classes)
+        t3 = time.perf_counter()
+        self.last_times = StageTimes(preprocess=t1 - t0, inference=t2 - t1, postprocess=t3 - t2)
+        return dets
+
+    def _prepare(self, image):
+        """BGR image → (engine input, letterbox info)."""
+        boxed, info = letterbox(image, self.letterbox)
+        return to_input(boxed, self.layout), info
+
+    def _finish(self, raw, info, conf, iou, max_det, multi_label, agnostic, classes) -> Detections:
+        """Engine output → ``Detections`` in the original image's coordinates."""
         pred = self.decode(raw, info.input_hw)[0]
         rows = non_max_suppression(
             pred, conf, iou, max_det, multi_label=multi_label, agnostic=agnostic, classes=classes,
         )
         rows[:, :4] = scale_boxes(rows[:, :4], info)
-        t3 = time.perf_counter()
-        self.last_times = StageTimes(preprocess=t1 - t0, inference=t2 - t1, postprocess=t3 - t2)
         return Detections.from_rows(rows, self.names, image_hw=info.orig_hw)
 
     def decode(self, raw: np.ndarray, input_hw) -> np.ndarray:
