@@ -11,9 +11,9 @@ import pytest
 
 from edgeyolo.errors import EdgeYoloError
 from edgeyolo.runtime import load, read_image
-from edgeyolo.runtime.pipeline import ordered_map
+from edgeyolo.runtime.pipeline import ordered_async, ordered_map
 
-BUNDLES = ["cpu_fp32_bundle", "ov_int8_bundle"]
+BUNDLES = ["cpu_fp32_bundle", "ov_fp32_bundle", "ov_int8_bundle"]
 
 
 def stream_threads() -> list:
@@ -44,6 +44,46 @@ def test_stream_equals_detect_in_order(bundle_fixture, frames, request):
         assert len(streamed) == len(frames)
         assert [i for i, (a, b) in enumerate(zip(serial, streamed)) if not same(a, b)] == []
     assert stream_threads() == []
+
+
+class SpyQueues:
+    """Wraps an OpenVINO engine's ``async_queue`` to see every request submitted and every queue closed."""
+
+    def __init__(self, engine):
+        self.opened, self.futures, self.closed = 0, [], 0
+        make = engine.async_queue
+
+        def spy(depth):
+            queue = make(depth)
+            submit, close = queue.submit, queue.close
+            self.opened += 1
+            queue.submit = lambda batch: self.futures.append(submit(batch)) or self.futures[-1]
+            queue.close = lambda: (close(), setattr(self, "closed", self.closed + 1))
+            return queue
+
+        engine.async_queue = spy
+
+
+def test_openvino_streams_on_its_async_queue_and_stops_cleanly(ov_fp32_bundle, frames):
+    detector = load(ov_fp32_bundle)
+    spy = SpyQueues(detector.engine)
+    detector.engine.infer = None  # the stream path must not fall back to the thread pool's infer()
+    results = detector.stream(iter(frames * 3), depth=3)
+    for _ in range(4):
+        next(results)
+    assert spy.opened == 1 and len(spy.futures) == 6  # 4 yielded, 2 in flight (depth - 1 while suspended)
+    assert str(detector.engine._throughput.get_property("PERFORMANCE_HINT")).endswith("THROUGHPUT")
+    results.close()
+    assert spy.closed == 1 and all(f.done() for f in spy.futures)  # every request waited for
+    assert stream_threads() == []
+
+    def frames_then_garbage():
+        yield from frames[:4]
+        yield np.zeros((0, 0, 3), np.uint8)  # not an image: raises in the consumer's prepare step
+
+    with pytest.raises(EdgeYoloError):
+        list(detector.stream(frames_then_garbage(), depth=3))
+    assert spy.closed == 2 and all(f.done() for f in spy.futures)
 
 
 def test_early_stop_leaves_no_thread(cpu_fp32_bundle, frames):
@@ -92,6 +132,47 @@ def test_ordered_map_keeps_order_and_bounds_what_is_in_flight():
     assert out == [i * i for i in range(40)]
     assert 1 < most[0] <= depth
     assert stream_threads() == []
+
+
+class FakeQueue:
+    """``submit``/``close`` like the OpenVINO queue, finishing requests out of order in a thread pool."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.closed = ThreadPoolExecutor(3, thread_name_prefix="fake-engine"), False
+
+    def submit(self, batch):
+        return self.pool.submit(lambda: (time.sleep(random.Random(batch).uniform(0, 0.004)), batch * 10)[1])
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+        self.closed = True
+
+
+def test_ordered_async_keeps_order_and_bounds_what_is_in_flight():
+    depth, pulled, done, queues = 3, [0], [0], []
+
+    def source():
+        for i in range(40):
+            pulled[0] += 1
+            assert pulled[0] - done[0] <= depth, "read a frame while depth were already in flight"
+            yield i
+
+    def open_queue():
+        queues.append(FakeQueue())
+        return queues[-1]
+
+    out = []
+    for value in ordered_async(lambda i: (i, f"ctx{i}"), open_queue, lambda raw, ctx: (raw, ctx), source(), depth):
+        done[0] += 1
+        out.append(value)
+    assert out == [(i * 10, f"ctx{i}") for i in range(40)]
+    assert len(queues) == 1 and queues[0].closed
+
+    unstarted = ordered_async(lambda i: (i, None), open_queue, lambda raw, ctx: raw, range(3), depth)
+    unstarted.close()
+    assert len(queues) == 1  # a generator never started opens no queue
 
 
 def test_a_failing_source_or_frame_stops_cleanly():
