@@ -72,7 +72,7 @@ def test_openvino_streams_on_its_async_queue_and_stops_cleanly(ov_fp32_bundle, f
     for _ in range(4):
         next(results)
     assert spy.opened == 1 and len(spy.futures) == 6  # 4 yielded, 2 in flight (depth - 1 while suspended)
-    assert str(detector.engine._throughput.get_property("PERFORMANCE_HINT")).endswith("THROUGHPUT")
+    assert list(detector.engine._compiled) == ["THROUGHPUT"]  # detect()'s LATENCY model never compiled
     results.close()
     assert spy.closed == 1 and all(f.done() for f in spy.futures)  # every request waited for
     assert stream_threads() == []
@@ -219,3 +219,42 @@ def test_cli_detect_on_a_folder_is_pipelined_and_identical(cpu_fp32_bundle, coco
     assert names == sorted(p.name for p in folder.iterdir() if p.name != "000000000026.jpg")
     assert runs[1] == runs[4] and any(r["detections"] for r in runs[4])
     assert stream_threads() == []
+
+
+@pytest.mark.parametrize("bundle_fixture", ["cpu_fp32_bundle", "ov_fp32_bundle"])
+def test_bench_throughput_mode_runs_the_stream(bundle_fixture, request, coco128):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgeyolo.cli import cli
+
+    bundle = request.getfixturevalue(bundle_fixture)
+    args = ["bench", str(bundle), "--iters", "5", "--warmup", "1", "--images", str(coco128 / "images"), "--json"]
+    runs = {}
+    for mode in ("latency", "throughput"):
+        result = CliRunner().invoke(cli, args + ["--mode", mode, "--depth", "2"])
+        assert result.exit_code == 0, result.output
+        runs[mode] = json.loads(result.stdout[result.stdout.index("{"):])
+    assert runs["latency"]["mode"] == "latency" and runs["latency"]["depth"] is None
+    assert runs["latency"]["stages_ms"]["inference"]["p50"] > 0
+    got = runs["throughput"]
+    assert (got["mode"], got["depth"], got["iters"]) == ("throughput", 2, 5) and got["fps"] > 0
+    assert got["latency_ms"]["p50"] > 0
+    assert stream_threads() == []
+
+
+def test_benchmark_throughput_counts_every_streamed_frame(cpu_fp32_bundle, images):
+    from edgeyolo.bench import benchmark_throughput
+
+    detector = load(cpu_fp32_bundle)
+    streamed, stream = [], detector.stream
+
+    def counting(frames, depth):
+        for dets in stream(frames, depth=depth):
+            streamed.append(depth)
+            yield dets
+
+    detector.stream = counting
+    result = benchmark_throughput(detector, images, iters=4, warmup=2, depth=3)
+    assert streamed == [3] * 6 and result.iters == 4 and result.to_dict()["mode"] == "throughput"

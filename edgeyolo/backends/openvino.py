@@ -161,28 +161,47 @@ class Engine:
     An infer request holds its own input and output tensors, so one shared request would mix
     up concurrent calls. Each call borrows a request from a pool (made on first need, so there
     are as many as threads ever ran at once) and returns it; one thread reuses one request.
+
+    The model is compiled per performance hint on first need: ``detect()`` compiles the
+    target's (LATENCY), ``stream`` the THROUGHPUT one. A process that only streams (a folder,
+    a camera, ``bench --mode throughput``) so holds one compiled model, not two (~100 MB).
     """
 
     def __init__(self, bundle, threads: int | None = None, performance_hint: str | None = None, **_):
         ov = require("openvino", NAME)
         opts = bundle.manifest.get("backend", {}).get("options", {})
         threads = opts.get("threads", 0) if threads is None else threads
-        threads = int(os.environ.get("EDGEYOLO_THREADS", threads))
-        hint = performance_hint or opts.get("performance_hint", "LATENCY")
-        core = ov.Core()
-        model = core.read_model(str(bundle.file("engine")), str(bundle.file("weights")))
-        self.compiled = core.compile_model(model, DEVICE, compile_properties(opts, threads, hint, core))
-        self._throughput_model = lambda: core.compile_model(
-            model, DEVICE, compile_properties(opts, threads, "THROUGHPUT", core))
-        self._throughput, self._compile_lock = None, threading.Lock()
+        self.threads = int(os.environ.get("EDGEYOLO_THREADS", threads))
+        self.hint = (performance_hint or opts.get("performance_hint", "LATENCY")).upper()
+        self.core = ov.Core()
+        self.model = self.core.read_model(str(bundle.file("engine")), str(bundle.file("weights")))
+        self._properties = lambda hint: compile_properties(opts, self.threads, hint, self.core)
+        self._properties(self.hint)  # a bad hint or precision fails here, at load
+        self._compiled, self._compile_lock = {}, threading.Lock()
         self._requests = queue.LifoQueue()
-        self._requests.put(self.compiled.create_infer_request())
-        self.info = {
-            "backend": NAME, "version": ov.__version__, "device": DEVICE,
-            "performance_hint": str(self.compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
-            "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")) or threads or os.cpu_count(),
-            "streams": int(self.compiled.get_property("NUM_STREAMS")),
-            "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
+        self._version = ov.__version__
+
+    def compiled_for(self, hint: str):
+        """The model compiled with this performance hint (LATENCY or THROUGHPUT), compiled once."""
+        with self._compile_lock:
+            if hint not in self._compiled:
+                self._compiled[hint] = self.core.compile_model(self.model, DEVICE, self._properties(hint))
+            return self._compiled[hint]
+
+    @property
+    def compiled(self):
+        return self.compiled_for(self.hint)
+
+    @property
+    def info(self) -> dict:
+        """The compiled model's facts: the ``detect()`` one, or the stream's where only that was compiled."""
+        compiled = self._compiled.get(self.hint) or self._compiled.get("THROUGHPUT") or self.compiled
+        return {
+            "backend": NAME, "version": self._version, "device": DEVICE,
+            "performance_hint": str(compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
+            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")) or self.threads or os.cpu_count(),
+            "streams": int(compiled.get_property("NUM_STREAMS")),
+            "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
         }
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -197,11 +216,8 @@ class Engine:
             self._requests.put(request)
 
     def async_queue(self, depth: int) -> "AsyncQueue":
-        """A queue of ``depth`` asynchronous requests on the THROUGHPUT-compiled model (compiled on first use)."""
-        with self._compile_lock:
-            if self._throughput is None:
-                self._throughput = self._throughput_model()
-        return AsyncQueue(self._throughput, depth)
+        """A queue of ``depth`` asynchronous requests on the THROUGHPUT-compiled model."""
+        return AsyncQueue(self.compiled_for("THROUGHPUT"), depth)
 
 
 class AsyncQueue:

@@ -181,10 +181,17 @@ def eval_cmd(model, data, backend, per_class, limit, as_json):
               help="Untimed frames first (engine caches, thread pools).")
 @click.option("--images", "image_source", help="Benchmark on these images (file or folder) instead of a synthetic 1280x720 frame.")
 @click.option("--threads", type=int, help="Engine threads (where the backend takes a count).")
+@click.option("--mode", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True,
+              help="latency: detect() one frame at a time; throughput: Detector.stream, --depth frames in flight.")
+@click.option("--depth", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="With --mode throughput: frames in flight at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def bench(model, iters, warmup, image_source, threads, as_json):
-    """On-device latency (p50/p90/p99), FPS, per-stage times and peak memory of a bundle."""
-    from ..bench import benchmark, synthetic_image
+def bench(model, iters, warmup, image_source, threads, mode, depth, as_json):
+    """On-device latency (p50/p90/p99), FPS, per-stage times and peak memory of a bundle.
+
+    --mode throughput measures FPS over ITERS frames of a pipelined stream instead.
+    """
+    from ..bench import benchmark, benchmark_throughput, synthetic_image
     from ..runtime import load
     from ..runtime.images import read_image
     from ..sources import resolve_sources
@@ -197,10 +204,17 @@ def bench(model, iters, warmup, image_source, threads, as_json):
             raise EdgeYoloError(f"{image_source}: no images to benchmark on (bench --images takes image files)")
     else:
         images = [synthetic_image()]
-    result = benchmark(detector, images, iters=iters, warmup=warmup)
+    if mode == "throughput":
+        result = benchmark_throughput(detector, images, iters=iters, warmup=warmup, depth=depth)
+    else:
+        result = benchmark(detector, images, iters=iters, warmup=warmup)
     if as_json:
         return print_json(result.to_dict())
     out.print(f"[bold]{result.target}[/] ({result.backend}, threads {result.threads}, input {result.input_shape})")
+    if mode == "throughput":
+        out.print(f"throughput: FPS {result.fps:.1f} over {iters} frames, {depth} in flight   "
+                  f"peak RSS {result.peak_rss_mb:.0f} MB")
+        return
     table = Table("stage", "p50 ms", "p90 ms", "p99 ms")
     table.add_row("end-to-end", *(f"{result.latency_ms[k]:.2f}" for k in ("p50", "p90", "p99")))
     for stage, values in result.stages_ms.items():
