@@ -197,13 +197,16 @@ def test_a_failing_source_or_frame_stops_cleanly():
     assert stream_threads() == []
 
 
-def test_cli_detect_on_a_folder_is_pipelined_and_identical(cpu_fp32_bundle, coco128, tmp_path):
+@pytest.mark.parametrize("bundle_fixture", ["cpu_fp32_bundle", "ov_fp32_bundle"])
+def test_cli_detect_on_a_folder_is_pipelined_and_identical(bundle_fixture, coco128, tmp_path, request):
     import json
     import shutil
 
     from click.testing import CliRunner
 
     from edgeyolo.cli import cli
+
+    cpu_fp32_bundle = request.getfixturevalue(bundle_fixture)
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -218,6 +221,9 @@ def test_cli_detect_on_a_folder_is_pipelined_and_identical(cpu_fp32_bundle, coco
     names = [r["source"].rsplit("/", 1)[-1] for r in runs[4]]
     assert names == sorted(p.name for p in folder.iterdir() if p.name != "000000000026.jpg")
     assert runs[1] == runs[4] and any(r["detections"] for r in runs[4])
+    detector = load(cpu_fp32_bundle)
+    expected = [json.loads(json.dumps(detector.detect(r["source"]).to_list())) for r in runs[4]]
+    assert [r["detections"] for r in runs[4]] == expected  # what detect() gives, image by image
     assert stream_threads() == []
 
 

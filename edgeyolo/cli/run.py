@@ -85,6 +85,10 @@ def _detect_images(detector, sources, depth: int):
     from ..runtime.images import read_image
     from ..runtime.pipeline import ordered_map
 
+    if hasattr(detector.engine, "async_queue"):  # OpenVINO: read here, inferred on its async queue
+        yield from _stream_images(detector, sources, depth)
+        return
+
     def work(source):
         try:
             image = read_image(source.path)
@@ -96,6 +100,29 @@ def _detect_images(detector, sources, depth: int):
         if image is None:
             log.warning("skipping %s", dets)
             continue
+        yield source, image, dets
+
+
+def _stream_images(detector, sources, depth: int):
+    """``_detect_images`` through ``Detector.stream``: images read in this thread, unreadable ones skipped."""
+    from collections import deque
+
+    from ..runtime.images import read_image
+
+    read = deque()  # (source, image) of the frames in flight, oldest first: stream yields in input order
+
+    def readable():
+        for source in sources:
+            try:
+                image = read_image(source.path)
+            except EdgeYoloError as exc:
+                log.warning("skipping %s", exc)
+                continue
+            read.append((source, image))
+            yield image
+
+    for dets in detector.stream(readable(), depth=depth):
+        source, image = read.popleft()
         yield source, image, dets
 
 
