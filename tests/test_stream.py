@@ -264,3 +264,26 @@ def test_benchmark_throughput_counts_every_streamed_frame(cpu_fp32_bundle, image
     detector.stream = counting
     result = benchmark_throughput(detector, images, iters=4, warmup=2, depth=3)
     assert streamed == [3] * 6 and result.iters == 4 and result.to_dict()["mode"] == "throughput"
+
+
+def test_cli_detect_on_a_video_is_pipelined_and_identical(ov_fp32_bundle, images, tmp_path):
+    import json
+
+    import cv2
+    from click.testing import CliRunner
+
+    from edgeyolo.cli import cli
+
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 5, (320, 180))
+    for i in range(6):
+        writer.write(cv2.resize(images[i % 2], (320, 180)))
+    writer.release()
+    runs = {}
+    for depth in (1, 3):
+        result = CliRunner().invoke(cli, ["detect", str(ov_fp32_bundle), str(clip), "--json", "--depth", str(depth)])
+        assert result.exit_code == 0, result.output
+        runs[depth] = json.loads(result.stdout[result.stdout.index("["):])[0]["frames"]
+    assert [f["frame"] for f in runs[3]] == list(range(6)) and runs[1] == runs[3]
+    assert any(f["detections"] for f in runs[3])
+    assert stream_threads() == []

@@ -58,7 +58,7 @@ def detect(model, sources, conf, iou, max_det, as_json, save_dir, save_txt, save
             continue
         for source in group:
             try:
-                result = _detect_stream(detector, source, save, save_txt)
+                result = _detect_stream(detector, source, save, save_txt, depth)
             except EdgeYoloError:
                 if source.kind == "camera":
                     raise
@@ -134,12 +134,16 @@ def _write_image(path: Path, image) -> None:
         data.tofile(str(path if path.suffix else path.with_suffix(".jpg")))
 
 
-def _detect_stream(detector, source, save: Path | None, save_txt: bool) -> dict:
+def _detect_stream(detector, source, save: Path | None, save_txt: bool, depth: int = 1) -> dict:
     """Every frame of a video or camera; the annotated frames (FPS drawn on) go to SAVE_DIR/NAME.mp4.
 
-    A camera runs until Ctrl-C, which ends it normally; its per-frame detections are not kept
-    in memory (a live source has no end), only the annotated video and labels are.
+    A video's frames run through ``Detector.stream`` (``depth`` in flight); a camera's one at a
+    time (no frames queued behind a live view). A camera runs until Ctrl-C, which ends it
+    normally; its per-frame detections are not kept in memory (a live source has no end), only
+    the annotated video and labels are.
     """
+    from collections import deque
+
     from ..video import FpsMeter, VideoOut, draw_fps, frames, open_capture, source_fps
     from ..writers import write_yolo_txt
 
@@ -147,10 +151,17 @@ def _detect_stream(detector, source, save: Path | None, save_txt: bool) -> dict:
     name = f"camera{source.path}" if camera else source.path.stem
     capture = open_capture(int(str(source.path)) if camera else source.path)
     video = VideoOut(save / f"{name}.mp4", source_fps(capture)) if save else None
-    meter, per_frame = FpsMeter(), []
-    try:
+    meter, per_frame, in_flight = FpsMeter(), [], deque()
+
+    def read():
         for index, frame in frames(capture):
-            dets = detector.detect(frame)
+            in_flight.append((index, frame))  # stream yields in input order: the oldest is the next result
+            yield frame
+
+    results = detector.stream(read(), depth=1 if camera else depth)
+    try:
+        for dets in results:
+            index, frame = in_flight.popleft()
             fps = meter.tick()
             if not camera:
                 per_frame.append({"frame": index, "detections": dets.to_list()})
@@ -162,6 +173,7 @@ def _detect_stream(detector, source, save: Path | None, save_txt: bool) -> dict:
         if not camera:
             raise
     finally:  # keep what was written playable
+        results.close()
         capture.release()
         if video:
             video.close()
