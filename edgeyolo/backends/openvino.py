@@ -10,6 +10,10 @@ The bundle holds an OpenVINO IR (``model.xml`` + ``model.bin``). Target options 
   fastest the CPU supports, bf16 > f32, resolved when the engine is compiled): the compiled
   model's properties. The precision actually used is in ``Engine.info``; the build records the
   one its own machine would use in the manifest (``backend.inference_precision``).
+
+``detect()`` runs on the model compiled with the target's hint (LATENCY: one frame, every core).
+``Detector.stream`` uses ``Engine.async_queue``: the same IR compiled a second time (lazily)
+with the THROUGHPUT hint, several streams fed by OpenVINO's ``AsyncInferQueue``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import os
 import queue
 import re
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -178,25 +184,47 @@ class Engine:
     An infer request holds its own input and output tensors, so one shared request would mix
     up concurrent calls. Each call borrows a request from a pool (made on first need, so there
     are as many as threads ever ran at once) and returns it; one thread reuses one request.
+
+    The model is compiled per performance hint on first need: ``detect()`` compiles the
+    target's (LATENCY), ``stream`` the THROUGHPUT one. A process that only streams (a folder,
+    a camera, ``bench --mode throughput``) so holds one compiled model, not two (~100 MB).
     """
 
     def __init__(self, bundle, threads: int | None = None, performance_hint: str | None = None, **_):
         ov = require("openvino", NAME)
         opts = bundle.manifest.get("backend", {}).get("options", {})
         threads = opts.get("threads", 0) if threads is None else threads
-        threads = int(os.environ.get("EDGEYOLO_THREADS", threads))
-        hint = performance_hint or opts.get("performance_hint", "LATENCY")
-        core = ov.Core()
-        model = core.read_model(str(bundle.file("engine")), str(bundle.file("weights")))
-        self.compiled = core.compile_model(model, DEVICE, compile_properties(opts, threads, hint, core))
+        self.threads = int(os.environ.get("EDGEYOLO_THREADS", threads))
+        self.hint = (performance_hint or opts.get("performance_hint", "LATENCY")).upper()
+        self.core = ov.Core()
+        self.model = self.core.read_model(str(bundle.file("engine")), str(bundle.file("weights")))
+        self._properties = lambda hint: compile_properties(opts, self.threads, hint, self.core)
+        self._properties(self.hint)  # a bad hint or precision fails here, at load
+        self._compiled, self._compile_lock = {}, threading.Lock()
         self._requests = queue.LifoQueue()
-        self._requests.put(self.compiled.create_infer_request())
-        self.info = {
-            "backend": NAME, "version": ov.__version__, "device": DEVICE,
-            "performance_hint": str(self.compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
-            "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")) or threads or os.cpu_count(),
-            "streams": int(self.compiled.get_property("NUM_STREAMS")),
-            "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
+        self._version = ov.__version__
+
+    def compiled_for(self, hint: str):
+        """The model compiled with this performance hint (LATENCY or THROUGHPUT), compiled once."""
+        with self._compile_lock:
+            if hint not in self._compiled:
+                self._compiled[hint] = self.core.compile_model(self.model, DEVICE, self._properties(hint))
+            return self._compiled[hint]
+
+    @property
+    def compiled(self):
+        return self.compiled_for(self.hint)
+
+    @property
+    def info(self) -> dict:
+        """The compiled model's facts: the ``detect()`` one, or the stream's where only that was compiled."""
+        compiled = self._compiled.get(self.hint) or self._compiled.get("THROUGHPUT") or self.compiled
+        return {
+            "backend": NAME, "version": self._version, "device": DEVICE,
+            "performance_hint": str(compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
+            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")) or self.threads or os.cpu_count(),
+            "streams": int(compiled.get_property("NUM_STREAMS")),
+            "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
         }
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -209,3 +237,38 @@ class Engine:
             return request.infer({0: batch}, share_inputs=True, share_outputs=False)[0]
         finally:
             self._requests.put(request)
+
+    def async_queue(self, depth: int) -> "AsyncQueue":
+        """A queue of ``depth`` asynchronous requests on the THROUGHPUT-compiled model."""
+        return AsyncQueue(self.compiled_for("THROUGHPUT"), depth)
+
+
+class AsyncQueue:
+    """OpenVINO's ``AsyncInferQueue`` behind futures: ``submit(batch)`` returns at once, the future gets the output.
+
+    The request's callback (an OpenVINO thread) only copies the output out; the caller's thread
+    is free for other frames' host work meanwhile. ``close()`` waits for every request, so no
+    callback runs after it returns.
+    """
+
+    def __init__(self, compiled, depth: int):
+        ov = require("openvino", NAME)
+        self.queue = ov.AsyncInferQueue(compiled, depth)
+        self.queue.set_callback(self._done)
+        self.streams = int(compiled.get_property("NUM_STREAMS"))
+
+    @staticmethod
+    def _done(request, future: Future) -> None:
+        try:
+            future.set_result(request.get_output_tensor(0).data.copy())
+        except Exception as exc:  # surfaces in the consumer's future.result(), not in OpenVINO's thread
+            future.set_exception(exc)
+
+    def submit(self, batch: np.ndarray) -> Future:
+        future: Future = Future()
+        # the input is copied into the request's own tensor: the caller may reuse its buffer at once
+        self.queue.start_async({0: batch}, future, share_inputs=False)
+        return future
+
+    def close(self) -> None:
+        self.queue.wait_all()

@@ -58,7 +58,7 @@ def detect(model, sources, conf, iou, max_det, as_json, save_dir, save_txt, save
             continue
         for source in group:
             try:
-                result = _detect_stream(detector, source, save, save_txt)
+                result = _detect_stream(detector, source, save, save_txt, depth)
             except EdgeYoloError:
                 if source.kind == "camera":
                     raise
@@ -85,6 +85,10 @@ def _detect_images(detector, sources, depth: int):
     from ..runtime.images import read_image
     from ..runtime.pipeline import ordered_map
 
+    if hasattr(detector.engine, "async_queue"):  # OpenVINO: read here, inferred on its async queue
+        yield from _stream_images(detector, sources, depth)
+        return
+
     def work(source):
         try:
             image = read_image(source.path)
@@ -99,6 +103,29 @@ def _detect_images(detector, sources, depth: int):
         yield source, image, dets
 
 
+def _stream_images(detector, sources, depth: int):
+    """``_detect_images`` through ``Detector.stream``: images read in this thread, unreadable ones skipped."""
+    from collections import deque
+
+    from ..runtime.images import read_image
+
+    read = deque()  # (source, image) of the frames in flight, oldest first: stream yields in input order
+
+    def readable():
+        for source in sources:
+            try:
+                image = read_image(source.path)
+            except EdgeYoloError as exc:
+                log.warning("skipping %s", exc)
+                continue
+            read.append((source, image))
+            yield image
+
+    for dets in detector.stream(readable(), depth=depth):
+        source, image = read.popleft()
+        yield source, image, dets
+
+
 def _write_image(path: Path, image) -> None:
     import cv2
 
@@ -107,12 +134,16 @@ def _write_image(path: Path, image) -> None:
         data.tofile(str(path if path.suffix else path.with_suffix(".jpg")))
 
 
-def _detect_stream(detector, source, save: Path | None, save_txt: bool) -> dict:
+def _detect_stream(detector, source, save: Path | None, save_txt: bool, depth: int = 1) -> dict:
     """Every frame of a video or camera; the annotated frames (FPS drawn on) go to SAVE_DIR/NAME.mp4.
 
-    A camera runs until Ctrl-C, which ends it normally; its per-frame detections are not kept
-    in memory (a live source has no end), only the annotated video and labels are.
+    A video's frames run through ``Detector.stream`` (``depth`` in flight); a camera's one at a
+    time (no frames queued behind a live view). A camera runs until Ctrl-C, which ends it
+    normally; its per-frame detections are not kept in memory (a live source has no end), only
+    the annotated video and labels are.
     """
+    from collections import deque
+
     from ..video import FpsMeter, VideoOut, draw_fps, frames, open_capture, source_fps
     from ..writers import write_yolo_txt
 
@@ -120,10 +151,17 @@ def _detect_stream(detector, source, save: Path | None, save_txt: bool) -> dict:
     name = f"camera{source.path}" if camera else source.path.stem
     capture = open_capture(int(str(source.path)) if camera else source.path)
     video = VideoOut(save / f"{name}.mp4", source_fps(capture)) if save else None
-    meter, per_frame = FpsMeter(), []
-    try:
+    meter, per_frame, in_flight = FpsMeter(), [], deque()
+
+    def read():
         for index, frame in frames(capture):
-            dets = detector.detect(frame)
+            in_flight.append((index, frame))  # stream yields in input order: the oldest is the next result
+            yield frame
+
+    results = detector.stream(read(), depth=1 if camera else depth)
+    try:
+        for dets in results:
+            index, frame = in_flight.popleft()
             fps = meter.tick()
             if not camera:
                 per_frame.append({"frame": index, "detections": dets.to_list()})
@@ -135,6 +173,7 @@ def _detect_stream(detector, source, save: Path | None, save_txt: bool) -> dict:
         if not camera:
             raise
     finally:  # keep what was written playable
+        results.close()
         capture.release()
         if video:
             video.close()
@@ -181,11 +220,18 @@ def eval_cmd(model, data, backend, per_class, limit, as_json):
               help="Untimed frames first (engine caches, thread pools).")
 @click.option("--images", "image_source", help="Benchmark on these images (file or folder) instead of a synthetic 1280x720 frame.")
 @click.option("--threads", type=int, help="Engine threads (where the backend takes a count).")
+@click.option("--mode", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True,
+              help="latency: detect() one frame at a time; throughput: Detector.stream, --depth frames in flight.")
+@click.option("--depth", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="With --mode throughput: frames in flight at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--from-disk", is_flag=True, help="With --images: read each image file in the timed loop (a 'read' stage).")
-def bench(model, iters, warmup, image_source, threads, as_json, from_disk):
-    """On-device latency (p50/p90/p99), FPS, per-stage times and peak memory of a bundle."""
-    from ..bench import benchmark, synthetic_image
+def bench(model, iters, warmup, image_source, threads, mode, depth, as_json, from_disk):
+    """On-device latency (p50/p90/p99), FPS, per-stage times and peak memory of a bundle.
+
+    --mode throughput measures FPS over ITERS frames of a pipelined stream instead.
+    """
+    from ..bench import benchmark, benchmark_throughput, synthetic_image
     from ..runtime import load
     from ..runtime.images import read_image
     from ..sources import resolve_sources
@@ -199,10 +245,17 @@ def bench(model, iters, warmup, image_source, threads, as_json, from_disk):
             raise EdgeYoloError(f"{image_source}: no images to benchmark on (bench --images takes image files)")
     else:
         images = [synthetic_image()]
-    result = benchmark(detector, images, iters=iters, warmup=warmup)
+    if mode == "throughput":
+        result = benchmark_throughput(detector, images, iters=iters, warmup=warmup, depth=depth)
+    else:
+        result = benchmark(detector, images, iters=iters, warmup=warmup)
     if as_json:
         return print_json(result.to_dict())
     out.print(f"[bold]{result.target}[/] ({result.backend}, threads {result.threads}, input {result.input_shape})")
+    if mode == "throughput":
+        out.print(f"throughput: FPS {result.fps:.1f} over {iters} frames, {depth} in flight   "
+                  f"peak RSS {result.peak_rss_mb:.0f} MB")
+        return
     table = Table("stage", "p50 ms", "p90 ms", "p99 ms")
     table.add_row("end-to-end", *(f"{result.latency_ms[k]:.2f}" for k in ("p50", "p90", "p99")))
     for stage, values in result.stages_ms.items():

@@ -126,21 +126,42 @@ class Detector:
         Results equal ``detect()`` on each frame, in input order. Up to ``depth`` frames are in
         flight at once, each decoded, letterboxed, inferred and post-processed in one of ``depth``
         worker threads over the thread-safe ``detect`` path (see ``runtime.pipeline``), so one
-        frame's host work overlaps another's inference. Stop early by closing the generator (or
+        frame's host work overlaps another's inference. Engines with an asynchronous queue
+        (OpenVINO: THROUGHPUT hint, ``depth`` requests) infer frames while this thread decodes,
+        letterboxes and post-processes others. Stop early by closing the generator (or
         breaking out of a ``for``): pending frames are dropped and the workers joined.
         """
-        from .pipeline import check_depth, ordered_map
+        from .pipeline import check_depth, ordered_async, ordered_map
 
         depth = check_depth(depth)  # now, not at the first next()
         conf, iou, max_det = check_thresholds(self.conf if conf is None else conf, self.iou if iou is None else iou,
                                               self.max_det if max_det is None else max_det)
+        options = (conf, iou, max_det, multi_label, agnostic, classes)
+        if hasattr(self.engine, "async_queue"):  # OpenVINO: its own request queue, host work here
+            # The queue copies each input at submit, so this thread's reused canvas is safe here.
+            return ordered_async(lambda frame: self._prepare(frame)[:2], lambda: self.engine.async_queue(depth),
+                                 lambda raw, context: self._finish(raw, context, *options)[0], frames, depth)
 
         def work(frame) -> Detections:
-            return self._detect_one(frame, conf, iou, max_det, multi_label, agnostic, classes)
+            return self._detect_one(frame, *options)
 
         return ordered_map(work, frames, depth)
 
     def _detect_one(self, source, conf, iou, max_det, multi_label, agnostic, classes) -> Detections:
+        batch, context, (read, boxing, converting) = self._prepare(source)
+        t0 = time.perf_counter()
+        raw = self.engine.infer(batch)
+        inference = time.perf_counter() - t0
+        dets, (decode, nms, scale) = self._finish(raw, context, conf, iou, max_det, multi_label, agnostic, classes)
+        self.last_times = StageTimes(read=read, letterbox=boxing, to_input=converting, inference=inference,
+                                     decode=decode, nms=nms, scale=scale)
+        return dets
+
+    def _prepare(self, source):
+        """A frame → (engine input, (letterbox info, the file's full size), read/letterbox/to_input seconds).
+
+        The input lives in this thread's reused canvas: valid until this thread's next frame.
+        """
         t0 = time.perf_counter()
         if self.reduced_decode and isinstance(source, (str, Path)):
             image, full_hw = read_image_reduced(source, self.letterbox.imgsz)
@@ -156,22 +177,24 @@ class Detector:
         else:
             batch = to_input(boxed, self.layout, out=canvas.input_buffer(input_shape(boxed, self.layout)))
         t3 = time.perf_counter()
-        raw = self.engine.infer(batch)
-        t4 = time.perf_counter()
+        return batch, (info, tuple(full_hw)), (t1 - t0, t2 - t1, t3 - t2)
+
+    def _finish(self, raw, context, conf, iou, max_det, multi_label, agnostic, classes):
+        """Engine output → (``Detections`` in the file's coordinates, decode/nms/scale seconds)."""
+        info, full_hw = context
+        t0 = time.perf_counter()
         pred = head_candidates(raw[0], conf, info.input_hw, self.output["head"], self.output["strides"],
                                self.output["anchors"])
-        t5 = time.perf_counter()
+        t1 = time.perf_counter()
         rows = non_max_suppression(
             pred, conf, iou, max_det, multi_label=multi_label, agnostic=agnostic, classes=classes,
         )
-        t6 = time.perf_counter()
+        t2 = time.perf_counter()
         rows[:, :4] = scale_boxes(rows[:, :4], info)
-        if full_hw != info.orig_hw:
+        if full_hw != tuple(info.orig_hw):
             rows[:, :4] = rescale_boxes(rows[:, :4], info.orig_hw, full_hw)
-        t7 = time.perf_counter()
-        self.last_times = StageTimes(read=t1 - t0, letterbox=t2 - t1, to_input=t3 - t2, inference=t4 - t3,
-                                     decode=t5 - t4, nms=t6 - t5, scale=t7 - t6)
-        return Detections.from_rows(rows, self.names, image_hw=tuple(full_hw))
+        t3 = time.perf_counter()
+        return Detections.from_rows(rows, self.names, image_hw=full_hw), (t1 - t0, t2 - t1, t3 - t2)
 
     def _canvas(self) -> LetterboxCanvas:
         """This thread's reused letterbox and input buffers."""

@@ -7,6 +7,10 @@ another's inference (every backend's ``infer`` releases the GIL and is thread-sa
 flight, so a fast source (a camera) cannot grow memory; the source is read lazily, in the
 consumer's thread. Closing the generator early, or the source or a work item raising,
 cancels what has not started and joins every worker before control returns.
+
+``ordered_async`` is the same contract for engines with their own asynchronous queue
+(OpenVINO's ``AsyncInferQueue``): host work runs in the consumer's thread while up to
+``depth`` frames infer in the engine's threads.
 """
 
 from __future__ import annotations
@@ -44,3 +48,29 @@ def ordered_map(work: Callable[[T], R], items: Iterable[T], depth: int = 3) -> I
         for future in pending:
             future.cancel()
         executor.shutdown(wait=True)
+
+
+def ordered_async(prepare: Callable, open_queue: Callable, finish: Callable, items: Iterable, depth: int = 3) -> Iterator:
+    """``finish(output, context)`` for every item, in input order, inference running asynchronously.
+
+    ``prepare(item) -> (batch, context)`` and ``finish`` run in the consumer's thread;
+    ``open_queue()`` gives an object with ``submit(batch) -> Future`` and ``close()`` (waits for
+    every request). It is opened at the first ``next()``, so a generator never started holds
+    nothing. At most ``depth`` items are read and not yet yielded; closing early, or an error
+    anywhere, waits for the requests in flight before control returns.
+    """
+    depth = check_depth(depth)
+    engine_queue = open_queue()
+    pending: deque = deque()
+    try:
+        for item in items:
+            batch, context = prepare(item)
+            pending.append((engine_queue.submit(batch), context))
+            if len(pending) >= depth:
+                future, context = pending.popleft()
+                yield finish(future.result(), context)
+        while pending:
+            future, context = pending.popleft()
+            yield finish(future.result(), context)
+    finally:
+        engine_queue.close()
