@@ -14,9 +14,10 @@ from edgeyolo.errors import EdgeYoloError  # noqa: E402
 from edgeyolo.runtime import load  # noqa: E402
 from edgeyolo.targets import load_target  # noqa: E402
 
-# bf16 vs intel-cpu-fp32 on the sample images (same counts): measured IoU >= 0.9897, scores within 0.0122,
+# bf16 vs intel-cpu-fp32 on the sample images (same counts): measured IoU >= 0.978 (zidane.jpg's 0.27 tie,
+# since the uint8 input's /255 also runs in bf16; 0.9897 with the float input), scores within 0.0122,
 # box corners within 3.2 px (a small, low-score handbag in bus.jpg); bounds just above.
-BF16_IOU, BF16_SCORE, BF16_BOX_PX = 0.985, 0.02, 4.0
+BF16_IOU, BF16_SCORE, BF16_BOX_PX = 0.975, 0.02, 4.0
 
 
 class FakeCore:
