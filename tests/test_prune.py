@@ -160,3 +160,16 @@ def test_batchnorm_recalibration_recovers_what_one_shot_pruning_shifted(yolov5n,
     after = _best_score(model, bus)
     assert after > before + 0.3, (before, after, original)
     assert not model.training
+
+
+def test_taylor_importance_from_the_cli(yolov5n_pt, coco128, tmp_path):
+    """Taylor needs the loss on raw head maps; building the pruner's graph had left the head decoding."""
+    from click.testing import CliRunner
+
+    from edgeyolo.cli import cli
+
+    out = tmp_path / "t.safetensors"
+    result = CliRunner().invoke(cli, ["prune", str(yolov5n_pt), "--ratio", "0.2", "--importance", "taylor",
+                                      "--data", str(coco128), "--imgsz", "64", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert model_size(load_model(out).model).gflops < 4.0
