@@ -6,14 +6,17 @@ measured alternately in one process (round after round) so machine load hits all
 Recovery rows (--train) train only on coco-tune-1193 with the stated budget; never on the
 evaluation set.
 
-    PYTHONPATH=$PWD python benchmarks/bench_compress.py --out runs/compress [--eval] [--int8] [--train]
+    PYTHONPATH=$PWD python benchmarks/bench_compress.py --out runs/compress --train-only   # the recovery runs
+    PYTHONPATH=$PWD python benchmarks/bench_compress.py --out runs/compress --train --eval --int8 --arm
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,38 +27,88 @@ def parse_args(argv=None):
     parser = target_bench_parser(__doc__, "intel-cpu-int8")
     parser.set_defaults(out="runs/compress", rounds=5, iters=10, warmup=5)
     parser.add_argument("--threads", type=int, help="Inference threads [default: the backend's].")
-    parser.add_argument("--eval", action="store_true", help="mAP on coco-val-500 for every row (slow on 2 cores).")
+    parser.add_argument("--eval", action="store_true", help="mAP on coco-val-500 for every bundle (slow on 2 cores).")
     parser.add_argument("--val", default=str(FIXTURES / "coco-val-500"))
     parser.add_argument("--int8", action="store_true", help="Also build and time intel-cpu-int8 bundles.")
+    parser.add_argument("--eval-int8-all", action="store_true",
+                        help="Evaluate every row's INT8 bundles too (default: only the baseline and ReLU rows).")
+    parser.add_argument("--arm", action="store_true",
+                        help="Also arm-fp32 / arm-int8 (TFLite) bundles of the baseline and ReLU rows.")
     parser.add_argument("--train", action="store_true", help="Also the recovery rows (fine-tune / distill).")
+    parser.add_argument("--train-only", action="store_true", help="Make the checkpoints and training runs, stop.")
     parser.add_argument("--tune", default=str(FIXTURES / "coco-tune-1193"), help="Training data for recovery.")
-    parser.add_argument("--train-images", type=int, default=300, help="Recovery budget: first N tune images.")
+    parser.add_argument("--hold-out", type=float, default=0.1,
+                        help="Seeded fraction of --tune held out to pick best (never trained on).")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=2, help="Recovery budget: epochs.")
     parser.add_argument("--lr0", type=float, default=0.001, help="Recovery budget: AdamW LR (no warm-up).")
+    parser.add_argument("--imgsz", type=int, default=640, help="Recovery budget: training image size.")
+    parser.add_argument("--batch", type=int, default=16, help="Recovery budget: batch (one optimiser step each).")
+    parser.add_argument("--temperature", type=float, default=2.0, help="Distillation temperature.")
+    parser.add_argument("--feature-gain", type=float, default=0.02, help="Distillation feature-imitation gain.")
     parser.add_argument("--round-to", type=int, default=16,
                         help="Channel multiple of the pruned rows (16 = one AVX-512 fp32 block).")
-    parser.add_argument("--imgsz", type=int, default=320, help="Recovery budget: training image size.")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--recover-round-to", type=int, default=8,
+                        help="Channel multiple of the recovered 30%%-GFLOPs model (8 lands nearest 30%%).")
+    parser.add_argument("--bn-calib-size", type=int, default=128,
+                        help="Tune-train images the pruned rows re-estimate BatchNorm statistics on.")
     return parser.parse_args(argv)
 
 
-def make_variants(args, out: Path) -> dict[str, Path]:
-    """Checkpoints of the rows that need no training (pruning is deterministic and fast)."""
+def split_tune(args, out: Path) -> tuple[Path, Path]:
+    """coco-tune-1193 as two linked YOLO folders: train and the seeded held-out split (the Trainer's own)."""
+    from edgeyolo.train.data import load_train_data
+
+    data = load_train_data(args.tune, None, args.hold_out, args.seed)
+    folders = []
+    for name, dataset in (("train", data.train), ("hold", data.val)):
+        folder = out / f"tune-{name}-seed{args.seed}"
+        for sub in ("images", "labels"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        for sample in dataset.samples:
+            image = Path(sample.image)
+            label = image.parent.parent / "labels" / f"{image.stem}.txt"
+            for src, dst in ((image, folder / "images" / image.name), (label, folder / "labels" / label.name)):
+                if src.exists() and not dst.exists():
+                    dst.symlink_to(src.resolve())
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def recalibrated(model, images: Path, size: int):
+    """One-shot pruning shifts every next layer's input mean: BatchNorm statistics re-estimated (no labels)."""
+    from edgeyolo.calibration import load_calibration
+    from edgeyolo.optimize.batchnorm import letterboxed_batches, recalibrate_batchnorm
+    from edgeyolo.runtime.preprocess import LetterboxSettings
+
+    calib = load_calibration(images, LetterboxSettings(imgsz=(640, 640)), size=size)
+    recalibrate_batchnorm(model, letterboxed_batches(calib.letterboxed))
+    return model
+
+
+def make_variants(args, out: Path, tune_train: Path) -> dict[str, Path]:
+    """Checkpoints of the rows that need no training (pruning + BatchNorm re-estimation, seconds each)."""
     from edgeyolo.model import load_model, save_model
+    from edgeyolo.optimize.act_swap import swap_activation
     from edgeyolo.optimize.measure import model_size
     from edgeyolo.optimize.prune import prune
     from edgeyolo.optimize.zeroing import zero_smallest
 
-    base = load_model(args.weights).model
+    base = load_model(args.weights).model.float().eval()
     gflops = model_size(base).gflops
     variants = {"baseline": Path(args.weights)}
-    r = args.round_to
+    r, rr, images, n = args.round_to, args.recover_round_to, tune_train / "images", args.bn_calib_size
+
+    def pruned(fraction, round_to):
+        return lambda m: recalibrated(prune(m, target_gflops=fraction * gflops, round_to=round_to).model, images, n)
+
     specs = {"zeroing-30%": lambda m: zero_smallest(m, 0.3),
-             "pruned-30%-gflops": lambda m: prune(m, target_gflops=0.7 * gflops, round_to=r).model,
-             "pruned-50%-gflops": lambda m: prune(m, target_gflops=0.5 * gflops, round_to=r).model,
-             "pruned-50%-gflops round-to-8": lambda m: prune(m, target_gflops=0.5 * gflops, round_to=8).model}
+             f"pruned-30%-gflops r{rr}": pruned(0.7, rr),
+             f"pruned-50%-gflops r{r}": pruned(0.5, r),
+             "pruned-50%-gflops r8": pruned(0.5, 8),
+             "relu swap": lambda m: swap_activation(m, "relu")}
     for name, make in specs.items():
-        path = out / "weights" / f"{name.replace(' ', '_')}-r{r}.safetensors"
+        path = out / "weights" / f"{name.replace(' ', '_')}.safetensors"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             save_model(make(copy.deepcopy(base)), path)
@@ -63,45 +116,37 @@ def make_variants(args, out: Path) -> dict[str, Path]:
     return variants
 
 
-def recovery_variants(args, out: Path, variants: dict[str, Path]) -> dict[str, Path]:
-    """Fine-tune / distil the 30%-GFLOPs model, and a ReLU baseline, at one stated budget."""
+def recovery_variants(args, out: Path, variants: dict[str, Path], tune_train: Path, hold: Path) -> dict[str, Path]:
+    """Fine-tune / distil the 30%-GFLOPs model, and the ReLU swap, at one stated budget on tune-train;
+    ``best`` picked on the held-out tune split."""
+    from edgeyolo.optimize.distill import DistillWeights
     from edgeyolo.optimize.distill_trainer import DistillTrainer
     from edgeyolo.train.hyp import load_hyp
     from edgeyolo.train.trainer import TrainConfig, Trainer
 
-    start = str(variants["pruned-30%-gflops"])
-    tune = tune_subset(Path(args.tune), args.train_images, out / f"tune-{args.train_images}")
+    start = str(variants[f"pruned-30%-gflops r{args.recover_round_to}"])
+    kd = DistillWeights(temperature=args.temperature, feature=args.feature_gain)
     runs = {
         "pruned-30% + fine-tune": lambda c: Trainer(c),
-        "pruned-30% + distill (label-free)": lambda c: DistillTrainer(c, args.weights, label_free=True),
-        "pruned-30% + distill + labels": lambda c: DistillTrainer(c, args.weights),
-        "relu + distill + labels": lambda c: DistillTrainer(c, args.weights, act="relu"),
+        "pruned-30% + distill (label-free)": lambda c: DistillTrainer(c, args.weights, label_free=True, weights=kd),
+        "pruned-30% + distill + labels": lambda c: DistillTrainer(c, args.weights, weights=kd),
+        "relu + distill + labels": lambda c: DistillTrainer(c, args.weights, weights=kd),
     }
     found = {}
     for name, make in runs.items():
         run = out / "runs" / name.replace(" ", "").replace("+", "_").replace("(", "").replace(")", "")
         if not (run / "best.safetensors").exists():
-            weights = args.weights if name.startswith("relu") else start
-            data = str(tune / "images") if "label-free" in name else str(tune)
+            weights = str(variants["relu swap"]) if name.startswith("relu") else start
+            data = str(tune_train / "images") if "label-free" in name else str(tune_train)
             config = TrainConfig(weights=weights, data=data, out=str(run), epochs=args.epochs, imgsz=args.imgsz,
-                                 batch=args.batch, hyp=load_hyp(None, {"lr0": args.lr0, "warmup_epochs": 0}),
-                                 optimizer="adamw", workers=1, command=f"bench_compress {name}")
+                                 batch=args.batch, nominal_batch=args.batch, val_data=str(hold), seed=args.seed,
+                                 hyp=load_hyp(None, {"lr0": args.lr0, "warmup_epochs": 0}), optimizer="adamw",
+                                 workers=1, command=f"bench_compress {name}")
+            began = time.perf_counter()
             make(config).train()
+            (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - began:.0f}\n")
         found[name] = run / "best.safetensors"
     return found
-
-
-def tune_subset(tune: Path, count: int, folder: Path) -> Path:
-    """The first ``count`` tune images (sorted) and their labels, linked into ``folder``."""
-    images = sorted((tune / "images").glob("*.jpg"))[:count]
-    for sub in ("images", "labels"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    for image in images:
-        label = tune / "labels" / f"{image.stem}.txt"
-        for src, dst in ((image, folder / "images" / image.name), (label, folder / "labels" / label.name)):
-            if src.exists() and not dst.exists():
-                dst.symlink_to(src.resolve())
-    return folder
 
 
 def describe(name: str, weights: Path, out: Path) -> dict:
@@ -117,31 +162,76 @@ def describe(name: str, weights: Path, out: Path) -> dict:
 
 
 def accuracy(bundle: Path, val: str) -> dict:
+    """mAP on the reported set, cached beside the bundle (a rerun only evaluates what is new)."""
     from edgeyolo.datasets import load_dataset
     from edgeyolo.evaluate import evaluate
     from edgeyolo.runtime import load
 
+    cache = bundle.parent / f"{bundle.name}.accuracy.json"
+    if cache.exists() and json.loads(cache.read_text()).get("val") == val:
+        return json.loads(cache.read_text())["result"]
     result = evaluate(load(bundle), load_dataset(val))
-    return {"mAP50-95": round(result.map50_95 * 100, 2), "mAP50": round(result.map50 * 100, 2)}
+    found = {"mAP50-95": round(result.map50_95 * 100, 2), "mAP50": round(result.map50 * 100, 2)}
+    cache.write_text(json.dumps({"val": val, "result": found}))
+    return found
+
+
+ARM_ROWS = ("baseline", "relu + distill + labels")  # the INT8-friendliness question
+# The untrained ReLU swap scores every anchor and class above the eval threshold (0.001): its NMS over
+# millions of candidates per image runs for many minutes here, for a result of ~0. Timed, not evaluated.
+NO_EVAL_ROWS = ("relu swap",)
+
+
+def row_targets(name: str, args) -> list[str]:
+    targets = ["intel-cpu-fp32"] + (["intel-cpu-int8"] if args.int8 else [])
+    return targets + (["arm-fp32", "arm-int8"] if args.arm and name in ARM_ROWS else [])
+
+
+def int8_drops(row: dict) -> dict:
+    """INT8 accuracy drop (mAP50-95 points) vs the same model's FP32 build, per platform."""
+    drops = {}
+    for fp32, int8 in (("intel-cpu-fp32", "intel-cpu-int8"), ("arm-fp32", "arm-int8")):
+        if fp32 in row.get("accuracy", {}) and int8 in row["accuracy"]:
+            drops[int8] = round(row["accuracy"][fp32]["mAP50-95"] - row["accuracy"][int8]["mAP50-95"], 2)
+    return drops
+
+
+def training_facts(weights: Path) -> dict:
+    """Wall time, images/s and the held-out mAP of a recovery run (from its folder)."""
+    import csv
+
+    run = weights.parent
+    with (run / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return {"wall_s": int((run / "wall_seconds.txt").read_text()) if (run / "wall_seconds.txt").exists() else None,
+            "train_img_per_s": [round(float(r["train_images_per_s"]), 2) for r in rows],
+            "hold_mAP50-95": [round(float(r["mAP50-95"]) * 100, 2) for r in rows]}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
-    variants = make_variants(args, out)
-    if args.train:
-        variants.update(recovery_variants(args, out, variants))
-    targets = ["intel-cpu-fp32"] + (["intel-cpu-int8"] if args.int8 else [])
+    tune_train, hold = split_tune(args, out)
+    variants = make_variants(args, out, tune_train)
+    if args.train or args.train_only:
+        variants.update(recovery_variants(args, out, variants, tune_train, hold))
+    if args.train_only:
+        return
     rows, bundles = {}, {}
     for name, weights in variants.items():
-        built, _ = ensure_bundles(str(weights), targets, out / "bundles" / name.replace(" ", "_"), args.calib,
-                                  args.calib_size)
+        built, _ = ensure_bundles(str(weights), row_targets(name, args), out / "bundles" / name.replace(" ", "_"),
+                                  args.calib, args.calib_size)
         for target, path in built.items():
-            bundles[f"{name} | {target}"] = path
+            if target.startswith("intel"):  # arm bundles run on TFLite's x86 kernels here: accuracy only
+                bundles[f"{name} | {target}"] = path
         rows[name] = describe(name, weights, out)
-        if args.eval:
-            for target, path in built.items():
-                rows[name][target] = accuracy(path, args.val)
+        if weights.parent.joinpath("results.csv").exists():
+            rows[name]["training"] = training_facts(weights)
+        if args.eval and name not in NO_EVAL_ROWS:  # INT8 accuracy where the drop is the question (time: every evaluation is minutes here)
+            rows[name]["accuracy"] = {target: accuracy(path, args.val) for target, path in built.items()
+                                      if target == "intel-cpu-fp32" or name in ARM_ROWS or args.eval_int8_all}
+            rows[name]["int8_drop"] = int8_drops(rows[name])
+        print(f"{name}: {json.dumps(rows[name])}", file=sys.stderr, flush=True)
     timings = run_interleaved(bundles, args)
     for key, result in timings.items():
         name, target = key.split(" | ")
@@ -150,13 +240,45 @@ def main(argv=None) -> None:
     base = rows["baseline"]["latency"]["intel-cpu-fp32"]["inference_ms_p50"]
     for row in rows.values():
         row["fp32_inference_speedup"] = round(base / row["latency"]["intel-cpu-fp32"]["inference_ms_p50"], 2)
-    budget = {"train_data": f"first {args.train_images} images of {args.tune}", "epochs": args.epochs,
-              "imgsz": args.imgsz, "batch": args.batch, "optimizer": f"adamw lr0 {args.lr0}, no warm-up",
-              "start": "pruned-30%-gflops (relu row: baseline)", "teacher": args.weights} \
-        if args.train else "recovery rows not run (--train)"
-    report = {"rows": rows, "round_to": args.round_to, "recovery_budget": budget, "rounds": args.rounds, "iters": args.iters}
+    budget = {"train_data": f"{tune_train} ({len(list((tune_train / 'images').iterdir()))} images of {args.tune})",
+              "held_out": f"{hold} (seeded {args.hold_out:.0%}, seed {args.seed}): picks best",
+              "epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch,
+              "optimizer": f"adamw lr0 {args.lr0}, linear decay, no warm-up, one step per batch",
+              "distill": {"temperature": args.temperature, "feature_gain": args.feature_gain},
+              "start": f"pruned-30%-gflops r{args.recover_round_to} (relu row: the relu swap of the baseline)",
+              "teacher": args.weights} if args.train else "recovery rows not run (--train)"
+    report = {"rows": rows, "round_to": args.round_to, "recovery_budget": budget, "rounds": args.rounds,
+              "iters": args.iters, "load_average": os.getloadavg()}
     (out / "compress.json").write_text(json.dumps(report, indent=1))
+    (out / "compress.md").write_text(markdown(report))
     print(json.dumps(report, indent=1))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """The README table: one row per model, every number from ``report``."""
+    def cell(row, *keys, fmt="{}"):
+        for key in keys:
+            row = row.get(key) if isinstance(row, dict) else None
+        return "–" if row is None else fmt.format(row)
+
+    lines = ["| row | params M | GFLOPs | ONNX MB | mAP50-95 | mAP50 | held-out mAP50-95 by epoch | train wall s "
+             "| fp32 inference ms | int8 inference ms | end-to-end ms (fp32) | fp32 speed-up | INT8 − FP32 mAP50-95 (intel / arm) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in report["rows"].items():
+        acc = row.get("accuracy", {}).get("intel-cpu-fp32", {})
+        drops = row.get("int8_drop", {})
+        drop = " / ".join(f"{-drops[k]:+.2f}" for k in ("intel-cpu-int8", "arm-int8") if k in drops) or "–"
+        lines.append(" | ".join([
+            f"| {name}", str(row["params_M"]), str(row["gflops_640"]), str(row["onnx_MB"]),
+            cell(acc, "mAP50-95"), cell(acc, "mAP50"),
+            " → ".join(map(str, row.get("training", {}).get("hold_mAP50-95", []))) or "–",
+            cell(row, "training", "wall_s"),
+            cell(row, "latency", "intel-cpu-fp32", "inference_ms_p50", fmt="{:.1f}"),
+            cell(row, "latency", "intel-cpu-int8", "inference_ms_p50", fmt="{:.1f}"),
+            cell(row, "latency", "intel-cpu-fp32", "end_to_end_ms_p50", fmt="{:.1f}"),
+            f"{row['fp32_inference_speedup']:.2f}×", drop]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -45,3 +45,12 @@ def test_relu_changes_outputs_and_round_trips(yolov5n, tmp_path):
 def test_unknown_activation_is_refused(yolov5n):
     with pytest.raises(EdgeYoloError, match="--act"):
         swap_activation(yolov5n, "gelu")
+
+
+def test_gflops_do_not_depend_on_the_activation(yolov5n):
+    """torch-pruning's counter charges ReLU but not SiLU; GFLOPs are counted as YOLOv5 does (neither)."""
+    from edgeyolo.optimize.measure import model_size
+
+    base = model_size(yolov5n)
+    assert abs(base.gflops - 4.52) < 0.01
+    assert model_size(swap_activation(yolov5n, "relu")) == base

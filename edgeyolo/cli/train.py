@@ -9,6 +9,7 @@ import click
 
 from ..errors import EdgeYoloError
 from .common import cli, err
+from .optimize import ACTS
 
 
 @cli.command()
@@ -41,9 +42,12 @@ from .common import cli, err
               help="Gradients accumulate over batches up to this many images per optimiser step.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine (launches torchrun).")
+@click.option("--act", type=click.Choice(ACTS), help="Rebuild the model with this activation first (weights kept).")
+@click.option("--sparsity", type=click.FloatRange(min=0, min_open=True),
+              help="L1 strength on BatchNorm scales (network slimming; then prune --importance bn), e.g. 1e-4.")
 def train(weights, data, out, epochs, imgsz, batch, lr0, hyp_file, device, workers, resume, seed, freeze, val_data,
           val_split, cfg, optimizer, cos_lr, augment, show_augment, fl_gamma, label_smoothing, iou_loss, sync_bn,
-          nominal_batch, nproc):
+          nominal_batch, nproc, act, sparsity):
     """Train WEIGHTS on --data into the run folder -o (last/best checkpoints, results.csv/png)."""
     from ..train import distributed as ddp
 
@@ -60,7 +64,7 @@ def train(weights, data, out, epochs, imgsz, batch, lr0, hyp_file, device, worke
     config = TrainConfig(weights=weights, data=data or "", out=out or resume, epochs=epochs, imgsz=imgsz, batch=batch,
                          hyp=hyp, device=device, workers=workers, seed=seed, freeze=freeze, val_data=val_data,
                          val_split=val_split, cfg=cfg, optimizer=optimizer, cos_lr=cos_lr, augment=augment,
-                         sync_bn=sync_bn, nominal_batch=nominal_batch,
+                         sync_bn=sync_bn, nominal_batch=nominal_batch, act=act, sparsity=sparsity or 0.0,
                          command=command_line(_argv_without_nproc(click.get_current_context())))
     if show_augment:
         return _show_augment(config, show_augment)

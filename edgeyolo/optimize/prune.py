@@ -143,6 +143,7 @@ def _prune_steps(model: nn.Module, ratio: float, steps: int, recover, *, importa
         pruner = make_pruner(model, importance, ratio, global_pruning=global_pruning, round_to=round_to, steps=steps)
         for step in range(steps):
             if loss_fn is not None:
+                _tracing_mode(model)  # building the pruner's graph leaves the model in eval (decoded head)
                 model.zero_grad(set_to_none=True)
                 loss_fn(model).backward()
             pruner.step()

@@ -3,6 +3,8 @@ for ``edgeyolo prune --importance bn``, pushing unneeded channels' scales toward
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -22,13 +24,8 @@ def bn_l1(model: nn.Module) -> float:
 
 
 class SparsityTrainer(Trainer):
-    """The Trainer with an L1 penalty on BatchNorm scales, applied once per optimiser step."""
+    """The Trainer with an L1 penalty on BatchNorm scales (``edgeyolo train --sparsity S``), added to
+    the unscaled gradients at every optimiser step (``TrainConfig.sparsity``, kept for ``--resume``)."""
 
     def __init__(self, config, strength: float, **kwargs):
-        super().__init__(config, **kwargs)
-        self.strength = strength
-
-    def optimizer_step(self) -> None:
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # grads are still scaled here
-        add_bn_l1_grad(self.model, self.strength, scale)
-        super().optimizer_step()
+        super().__init__(dataclasses.replace(config, sparsity=strength), **kwargs)

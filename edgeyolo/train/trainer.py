@@ -64,6 +64,8 @@ class TrainConfig:
     sync_bn: bool = False
     nominal_batch: int = NOMINAL_BATCH
     command: str = ""
+    act: str | None = None  # rebuild the model with this activation before training (weights kept)
+    sparsity: float = 0.0  # L1 strength on BatchNorm scales (network slimming, before ``prune --importance bn``)
 
 
 def select_device(spec: str, local_rank: int = 0) -> torch.device:
@@ -182,6 +184,10 @@ class Trainer:
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=GRAD_CLIP)
+        if self.config.sparsity:  # after clipping: the penalty keeps its stated strength
+            from ..optimize.sparsity import add_bn_l1_grad
+
+            add_bn_l1_grad(self.model, self.config.sparsity)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
@@ -272,6 +278,10 @@ class Trainer:
             model = build_from_cfg(c.cfg, init_from=loaded)[0] if c.cfg else loaded.model
             model.names = list(loaded.names) if not c.cfg else model.names
         model = model.float()
+        if c.act:
+            from ..optimize.act_swap import swap_activation
+
+            model = swap_activation(model, c.act)
         for p in model.parameters():
             p.requires_grad_(True)
         if c.freeze:
