@@ -20,7 +20,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...errors import EdgeYoloError
-from .fakequant import ACT_ZERO_POINT, ActivationQuantizer, fake_quantize_weight, round_ste, weight_scale
+from .fakequant import (
+    ACT_ZERO_POINT,
+    ActivationQuantizer,
+    fake_quantize_weight,
+    round_ste,
+    weight_scale,
+)
 
 QUANTIZED_SUFFIX = "_quantized"
 FIXED_SCALES = ("images_scale",)  # the input is pixels / 255: its range is known, not learned

@@ -167,3 +167,30 @@ def check_qat_meta(qat, where: str) -> dict:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def learned_ranges_for(weights) -> LearnedRanges | None:
+    """The learned ranges of a QAT checkpoint, None for any other weights (read from the header only)."""
+    from ...model.native import METADATA_KEY, is_native_checkpoint
+    from ...model.safetensors_file import read_header, read_metadata_json
+    from ...model.weights import resolve_weights
+
+    path = resolve_weights(weights)
+    if not is_native_checkpoint(path):
+        return None
+    description = read_metadata_json(path, read_header(path), METADATA_KEY, "model description")
+    qat = qat_meta(description if isinstance(description, dict) else {})
+    return None if qat is None else LearnedRanges(qat, str(path))
+
+
+def reference_weights(learned: LearnedRanges, weights):
+    """What the accuracy gate compares a QAT build with: the FP32 model it was trained from, where it is here."""
+    from ...bundle import sha256_file
+    from ...log import log
+
+    teacher = Path(learned.qat["teacher"].get("weights", ""))
+    if teacher.is_file() and sha256_file(teacher) == learned.qat["teacher"].get("sha256"):
+        return teacher
+    log.warning("the FP32 model this QAT checkpoint was trained from (%s) is not here; the gate compares "
+                "with the checkpoint's own float weights", teacher)
+    return weights

@@ -32,6 +32,7 @@ CHECKPOINT = "qat.safetensors"
 QDQ_ONNX = "model.qdq.onnx"
 SUMMARY = "qat.json"
 QDQ_BACKENDS = ("onnxruntime", "tensorrt", "openvino")
+LOG_EVERY = 10
 
 
 @dataclass
@@ -181,9 +182,13 @@ class QatRun:
                 optimizer.step()
                 schedule.step()
                 self.step += 1
-                self.history.append({"step": self.step, "loss": float(loss), **parts})
+                self.history.append({"step": self.step, "loss": float(loss.detach()), **parts})
                 if self.progress:
-                    self.progress(self.step, self.total_steps, float(loss))
+                    self.progress(self.step, self.total_steps, float(loss.detach()))
+                if self.step % LOG_EVERY == 0 or self.step == self.total_steps:
+                    print(f"qat step {self.step}/{self.total_steps}: loss {float(loss.detach()):.4f} "
+                          + " ".join(f"{k} {v:.4g}" for k, v in parts.items())
+                          + f" ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
                 if c.save_every and self.step % c.save_every == 0 and self.step < self.total_steps:
                     self.save(final=False)
         self.seconds = time.time() - started
