@@ -228,3 +228,25 @@ def test_qat_refuses_a_tflite_target(yolov5n_pt, coco128, tmp_path):
                                       "-o", str(tmp_path / "run"), "--target", "arm-int8"])
     assert result.exit_code == 2 and "cannot take learned ranges" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_jetson_int8_bundle_holds_the_learned_qdq_graph(qat_checkpoint, tmp_path):
+    """The NVIDIA targets compile the Q/DQ ONNX with the learned scales, explicitly (never re-calibrated)."""
+    import onnx
+    from click.testing import CliRunner
+    from onnx import numpy_helper
+
+    from edgeyolo.cli import cli
+    from edgeyolo.model import load_model
+
+    out = tmp_path / "jetson"
+    result = CliRunner().invoke(cli, ["build", str(qat_checkpoint), "--target", "jetson-int8", "--imgsz", str(IMGSZ),
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"]["options"]["int8_calibration"] == "explicit"
+    assert "onnx_fp" not in manifest["backend"]["files"]  # no FP graph for TensorRT's own calibrator
+    scales = load_model(qat_checkpoint).description["meta"]["qat"]["scales"]
+    graph = onnx.load(str(out / manifest["backend"]["files"]["onnx"]))
+    written = {i.name: float(numpy_helper.to_array(i)) for i in graph.graph.initializer if i.name in scales}
+    assert written == pytest.approx(scales, rel=1e-6) and len(written) == len(scales)

@@ -16,6 +16,8 @@ from .common import cli, err, progress_bar
               help="INT8 target whose Q/DQ recipe is trained (cpu-int8 = the graph cuda-int8 / jetson-int8 compile).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
+@click.option("--calib-imgsz", type=click.IntRange(min=32), help="Calibrate the initial ranges at this size "
+              "[default: --imgsz] (train small, start from the deployed size's ranges).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0), default=1e-5, show_default=True, help="Adam, weights and biases.")
 @click.option("--scale-lr", type=click.FloatRange(min=0), default=1e-3, show_default=True,
@@ -29,7 +31,7 @@ from .common import cli, err, progress_bar
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=0), default=25, show_default=True,
               help="Steps between checkpoints (0: at the end only).")
-def qat(weights, data, calib, out, target_name, epochs, imgsz, batch, lr, scale_lr, fixed_scales, limit, calib_size,
+def qat(weights, data, calib, out, target_name, epochs, imgsz, calib_imgsz, batch, lr, scale_lr, fixed_scales, limit, calib_size,
         float_from_stride, keep_float, seed, save_every):
     """Fine-tune WEIGHTS with fake quantisation matching the deployed INT8 graph, distilled from the FP32 model.
 
@@ -42,6 +44,7 @@ def qat(weights, data, calib, out, target_name, epochs, imgsz, batch, lr, scale_
     if keep_float is not None:
         kept = () if keep_float.strip() in ("none", "") else tuple(n.strip() for n in keep_float.split(",") if n.strip())
     config = QatConfig(weights=weights, data=data, calib=calib, out=out, target=target_name, imgsz=imgsz,
+                       calib_imgsz=calib_imgsz,
                        epochs=epochs, batch=batch, lr=lr, scale_lr=scale_lr, learn_scales=not fixed_scales,
                        limit=limit, calib_size=calib_size, seed=seed, float_from_stride=float_from_stride,
                        keep_float=kept, save_every=save_every)

@@ -43,6 +43,7 @@ class QatConfig:
     out: str
     target: str = "cpu-int8"
     imgsz: int = 640
+    calib_imgsz: int | None = None  # calibrate the initial ranges at this size (default: imgsz)
     epochs: int = 1
     batch: int = 8
     lr: float = 1e-5  # Adam, the convolutions' weights and biases
@@ -119,9 +120,15 @@ class QatRun:
         self.export = {"imgsz": list(imgsz), "head": "sigmoid", "opset": self.target.opset}
         float_path = export_onnx(self.checkpoint.model, work / "float.onnx",
                                  ExportOptions(imgsz=imgsz, opset=self.target.opset, head="sigmoid"))
-        self.calibration = prepare_calibration(self.weights_path, self.target, c.calib, c.calib_size, imgsz=imgsz)
+        calib_path, calib_imgsz = float_path, imgsz
+        if c.calib_imgsz and c.calib_imgsz != c.imgsz:  # e.g. train at 320 from the ranges a 640 deployment has
+            calib_imgsz = (c.calib_imgsz, c.calib_imgsz)
+            calib_path = export_onnx(self.checkpoint.model, work / "calib.onnx",
+                                     ExportOptions(imgsz=calib_imgsz, opset=self.target.opset, head="sigmoid"))
+        self.calibration = prepare_calibration(self.weights_path, self.target, c.calib, c.calib_size,
+                                               imgsz=calib_imgsz)
         self.calibration.method = self.settings.describe()
-        ranges = calibrate_ranges(float_path, self.calibration, self.settings)
+        ranges = calibrate_ranges(calib_path, self.calibration, self.settings)
         float_model = onnx.load(str(float_path))
         qdq, _ = write_qdq(float_path, ranges, self.settings, extra_float=kept_nodes(float_model, self.settings.keep_float))
         self.ranges = {name: [float(np.max(v)) if i else float(np.min(v)) for i, v in enumerate(data.range_value)]
@@ -208,7 +215,7 @@ class QatRun:
             "calibration": {k: calib[k] for k in ("source", "images", "images_sha256", "seed")},
             "training": {"data": str(c.data), "images": len(self.images), "epochs": c.epochs, "batch": c.batch,
                          "steps": self.step, "lr": c.lr, "scale_lr": c.scale_lr, "learn_scales": c.learn_scales,
-                         "imgsz": c.imgsz, "seed": c.seed, "gains": dc.asdict(c.gains),
+                         "imgsz": c.imgsz, "calib_imgsz": c.calib_imgsz or c.imgsz, "seed": c.seed, "gains": dc.asdict(c.gains),
                          "final_loss": float(np.mean([h["loss"] for h in recent])) if recent else 0.0},
             "ranges": self.ranges,
             "scales": self.student.scales(),
