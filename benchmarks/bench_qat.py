@@ -1,6 +1,7 @@
 """QAT vs PTQ on the INT8 targets: chosen on coco-tune-1193's held-out tune split, reported on coco-val-500.
 
     python benchmarks/bench_qat.py train --out qat-study [--name default] [QAT options]   # QAT on the pool
+    python benchmarks/bench_qat.py proxy --out qat-study --runs default [--images 16]       # choose: tune proxy
     python benchmarks/bench_qat.py eval  --out qat-study --set tune|val [--runs default] [--only-qat]  # mAP
     python benchmarks/bench_qat.py speed --out qat-study [--rounds 10 --iters 10]           # FPS vs FP32
 
@@ -42,7 +43,7 @@ def train(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = QatConfig(weights=str(WEIGHTS), data=str(write_pool(out)), calib=str(COCO128), out=str(out / args.name),
-                       imgsz=args.imgsz, epochs=args.epochs, batch=args.batch, lr=args.lr, scale_lr=args.scale_lr,
+                       imgsz=args.imgsz, calib_imgsz=args.imgsz_calib, epochs=args.epochs, batch=args.batch, lr=args.lr, scale_lr=args.scale_lr,
                        learn_scales=not args.fixed_scales, limit=args.limit, calib_size=128,
                        float_from_stride=args.float_from_stride)
     start = time.perf_counter()
@@ -104,6 +105,47 @@ def eval_phase(args) -> None:
                 target, calibration={**target.calibration, "keep_float": learned.keep_float}), learned)
 
 
+def proxy(args) -> None:
+    """The sensitivity proxy at 640 on the first ``--images`` tune images: FP32 vs PTQ vs each QAT checkpoint.
+
+    PTQ = the checkpoint's own recorded calibrated ranges on the FP32 weights (the graph QAT started from).
+    """
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime.quantization as q
+
+    from edgeyolo.export import ExportOptions, export_onnx
+    from edgeyolo.model import load_model
+    from edgeyolo.optimize.qat.learned import learned_ranges_for
+    from edgeyolo.quantize import Ranges, kept_nodes, write_qdq
+    from edgeyolo.sensitivity import OnnxRunner, letterboxed_inputs, proxy_error
+    from edgeyolo.targets import load_target
+
+    out = Path(args.out)
+    tune, _ = tune_split()
+    listing = out / "tune-proxy.txt"
+    listing.write_text("".join(f"{s.image.resolve()}\n" for s in tune.samples[:args.images]))
+    run = OnnxRunner(letterboxed_inputs(str(listing), WEIGHTS, load_target("cpu-int8"), args.images))
+    options = ExportOptions(imgsz=(640, 640), head="sigmoid")
+    with tempfile.TemporaryDirectory() as work:
+        fp32 = export_onnx(load_model(WEIGHTS).model, Path(work) / "fp32.onnx", options)
+        reference = run(fp32)
+        for name in args.runs:
+            checkpoint = out / name / "qat.safetensors"
+            learned = learned_ranges_for(checkpoint)
+            data = {t: q.TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+                    for t, (lo, hi) in learned.qat["ranges"].items()}
+            settings = learned.settings()
+            ptq, _ = write_qdq(fp32, Ranges(q.TensorsData(q.CalibrationMethod.MinMax, data), 0), settings,
+                               extra_float=kept_nodes(onnx.load(str(fp32)), settings.keep_float))
+            trained = export_onnx(load_model(checkpoint).model, Path(work) / f"{name}.onnx", options)
+            record(out, {"phase": "proxy", "name": name, "images": args.images, "split": split_facts(),
+                         "training": learned.qat["training"], "ptq": proxy_error(reference, run(ptq)),
+                         "qat": proxy_error(reference, run(learned.qdq_model(trained)[0]))})
+
+
 def speed(args) -> None:
     """End-to-end FPS of each bundle of ``--set``'s eval, interleaved in one process, as a ratio to FP32."""
     import dataclasses
@@ -149,20 +191,22 @@ def read_results(out: Path) -> list[dict]:
 def record(out: Path, row: dict) -> None:
     with (out / "results.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
-    print(json.dumps({k: row[k] for k in ("phase", "name", "map50_95", "seconds") if k in row}), file=sys.stderr,
+    print(json.dumps({k: row[k] for k in ("phase", "name", "map50_95", "ptq", "qat", "seconds") if k in row}), file=sys.stderr,
           flush=True)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=("train", "eval", "speed"))
+    parser.add_argument("phase", choices=("train", "proxy", "eval", "speed"))
+    parser.add_argument("--images", type=int, default=16, help="proxy: tune images")
     parser.add_argument("--out", default="qat-study")
     parser.add_argument("--name", default="default", help="train: the run's folder name")
-    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--imgsz", type=int, default=320, help="train: training size (640 did not fit the budget)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-5)
-    parser.add_argument("--scale-lr", type=float, default=2e-3)
+    parser.add_argument("--imgsz-calib", type=int, default=640, help="train: ranges calibrated at this size")
+    parser.add_argument("--lr", type=float, default=5e-6)
+    parser.add_argument("--scale-lr", type=float, default=5e-3)
     parser.add_argument("--fixed-scales", action="store_true")
     parser.add_argument("--limit", type=int, help="train: images of the pool used (default: all 793)")
     parser.add_argument("--float-from-stride", type=int, help="train: override the target's float stage")
@@ -174,7 +218,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)
-    {"train": train, "eval": eval_phase, "speed": speed}[args.phase](args)
+    {"train": train, "proxy": proxy, "eval": eval_phase, "speed": speed}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ class QatConfig:
     imgsz: int = 640
     calib_imgsz: int | None = None  # calibrate the initial ranges at this size (default: imgsz)
     epochs: int = 1
-    batch: int = 8
-    lr: float = 1e-5  # Adam, the convolutions' weights and biases
-    scale_lr: float = 1e-3  # Adam, the activation scales' log-gains
+    batch: int = 4
+    lr: float = 5e-6  # Adam, the convolutions' weights and biases (1e-4 diverged: docs/int8.md#qat)
+    scale_lr: float = 5e-3  # Adam, the activation scales' log-gains
     learn_scales: bool = True
     limit: int | None = None  # training images drawn from --data (seeded)
     calib_size: int | None = None
