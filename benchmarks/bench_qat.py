@@ -165,7 +165,7 @@ def speed(args) -> None:
         settings = learned_ranges_for(out / run / "qat.safetensors").qat["settings"]
         for target_name in args.targets:
             name = f"{target_name}-{run}-ptq"
-            if name not in bundles:
+            if name not in bundles and not args.only_qat:
                 target = load_target(target_name)
                 if target.backend == "onnxruntime":
                     target = dataclasses.replace(target, calibration={**target.calibration, **settings})
