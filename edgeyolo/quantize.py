@@ -176,6 +176,8 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
 
     ort = require("onnxruntime", "onnxruntime")
     src, dst = Path(src), Path(dst)
+    if getattr(calibration, "learned", False):  # a QAT checkpoint's learned ranges (optimize/qat/learned.py)
+        return calibration.write(src, dst)
     calibration.method = settings.describe()
     ranges = calibrate_ranges(src, calibration, settings)
     model = onnx.load(str(src))

@@ -46,10 +46,19 @@ RANGES = ("histogram", "minmax", "mean_minmax", "median_minmax", "mean_no_outlie
 def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResult:
     ov = require("openvino", NAME)
     options = target.backend_options
-    model = ov.convert_model(str(onnx_path))
+    learned = target.precision == "int8" and getattr(calibration, "learned", False)
+    if learned:  # QAT: OpenVINO reads the Q/DQ ONNX's learned scales as its FakeQuantize ranges, no NNCF pass
+        qdq_path = out_dir / "qat.qdq.onnx"
+        facts = calibration.write(onnx_path, qdq_path)
+        model = ov.convert_model(str(qdq_path))
+        qdq_path.unlink()
+    else:
+        model = ov.convert_model(str(onnx_path))
     info = {"version": ov.__version__,
             "inference_precision": resolve_precision(ov.Core(), options.get("inference_precision", "f32"))}
-    if target.precision == "int8":
+    if learned:
+        info["quantization"] = facts
+    elif target.precision == "int8":
         model, info["nncf_version"], info["ignored_nodes"] = quantize(model, target, calibration, options)
     image_input = {}
     if options.get(UINT8_OPTION, True):  # after quantising, which calibrates on floats

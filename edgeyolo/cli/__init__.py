@@ -3,7 +3,7 @@
 One module per command group; importing them registers their commands on ``cli``.
 """
 
-from . import deploy, optimize, quant, report, run, train  # noqa: F401  (registers the commands)
+from . import deploy, optimize, qat, quant, report, run, train  # noqa: F401  (registers the commands)
 from .common import cli
 
 

@@ -89,10 +89,22 @@ def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, va
     dest = Path(output or f"{Path(weights).stem}-{target.name}")
     size = imgsz
     calibration = None
+    reference = weights
+    learned = _learned_ranges(weights, target)
     if calib and not target.needs_calibration:
         log.warning("target %s is %s; --calib is ignored", target.name, target.precision)
     if keep_float and not target.needs_calibration:
         raise EdgeYoloError(f"--keep-float is for INT8 targets; {target.name} is {target.precision}")
+    elif learned is not None:
+        from ..optimize.qat.learned import reference_weights
+
+        if keep_float:
+            raise EdgeYoloError("--keep-float does not apply to a QAT checkpoint: its float layers were fixed "
+                                "when it was trained (edgeyolo qat --keep-float)")
+        if calib:
+            log.warning("%s is a QAT checkpoint: its learned ranges are used and --calib is ignored", weights)
+        calibration, target = learned, _with_learned(target, learned)
+        reference = reference_weights(learned, weights)
     elif target.needs_calibration:
         if not calib:
             raise EdgeYoloError(f"target {target.name} is INT8: pass calibration images with --calib")
@@ -101,10 +113,35 @@ def build(weights, target_name, output, imgsz, calib, calib_size, calib_seed, va
         from ..sensitivity import resolve_keep_float
 
         target = resolve_keep_float(keep_float, weights, target, calibration)
-    gate = accuracy_gate(weights, val, max_drop, progress_bar, _report_accuracy) if val else None
+    gate = accuracy_gate(reference, val, max_drop, progress_bar, _report_accuracy) if val else None
     bundle = build_bundle(weights, target, dest, BuildOptions(imgsz=size), calibration=calibration, gate=gate)
     files = ", ".join(f"{name} ({(bundle.path / name).stat().st_size / 1e6:.1f} MB)" for name in bundle.manifest["checksums"])
     err.print(f"built [bold]{bundle.path}[/] for {target.name}: {files}", highlight=False)
+
+
+def _learned_ranges(weights, target):
+    """A QAT checkpoint's learned ranges where ``target`` can take them (None otherwise, said in one line)."""
+    if not target.needs_calibration:
+        return None
+    from ..optimize.qat.learned import learned_ranges_for
+
+    learned = learned_ranges_for(weights)
+    if learned is not None and target.backend == "tflite":
+        err.print(f"{target.name}: onnx2tf quantises on its own and cannot take a QAT checkpoint's learned ranges; "
+                  f"applying the target's PTQ recipe to its (QAT-trained) float weights on --calib", highlight=False)
+        return None
+    return learned
+
+
+def _with_learned(target, learned):
+    """``target`` as the QAT graph was trained: its float layers, and TensorRT compiling the Q/DQ ONNX."""
+    import dataclasses as dc
+
+    backend_options = dict(target.backend_options)
+    if target.backend == "tensorrt":
+        backend_options["int8_calibration"] = "explicit"  # implicit INT8 would calibrate again
+    return dc.replace(target, calibration={**target.calibration, "keep_float": learned.keep_float},
+                      backend_options=backend_options)
 
 
 def _report_accuracy(acc: dict) -> None:
