@@ -166,8 +166,10 @@ def test_intel_cpu_int8_runs_the_learned_qdq_graph(qat_run, qat_checkpoint, tmp_
     bundle = build_bundle(qat_checkpoint, "intel-cpu-int8", tmp_path / "ov", BuildOptions(imgsz=IMGSZ),
                           calibration=learned)
     assert bundle.manifest["backend"]["quantization"]["method"] == "qat"
-    x = np.random.default_rng(3).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
-    ov_out = load(bundle).engine.infer(x)
+    bgr = np.random.default_rng(3).integers(0, 256, (1, IMGSZ, IMGSZ, 3), dtype=np.uint8)
+    assert bundle.manifest["input"]["dtype"] == "uint8"  # OpenVINO's bundles take the BGR letterbox itself
+    x = np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32) / 255
+    ov_out = load(bundle).engine.infer(bgr)
     ort_out = ort.InferenceSession(str(qat_run / "model.qdq.onnx")).run(None, {"images": x})[0]
     assert np.abs(ov_out - ort_out).mean() < 5e-3
 

@@ -183,8 +183,8 @@ class Detector:
         """Engine output → (``Detections`` in the file's coordinates, decode/nms/scale seconds)."""
         info, full_hw = context
         t0 = time.perf_counter()
-        pred = head_candidates(raw[0], conf, info.input_hw, self.output["head"], self.output["strides"],
-                               self.output["anchors"])
+        pred = head_candidates(raw[0], conf, info.input_hw, self.output["head"], self.output.get("strides"),
+                               self.output.get("anchors"))  # a decoded head has neither
         t1 = time.perf_counter()
         rows = non_max_suppression(
             pred, conf, iou, max_det, multi_label=multi_label, agnostic=agnostic, classes=classes,
