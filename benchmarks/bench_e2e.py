@@ -106,13 +106,14 @@ def build_bundles(src: str, targets: list[str], out: Path, args) -> dict[str, Pa
     """Each target's bundle built by the runtime at ``src`` (reused when already there)."""
     bundles = {}
     for target in targets:
-        path = out / target
+        path = (out / target).resolve()
         if not (path / "manifest.json").is_file():
             command = [sys.executable, "-m", "edgeyolo.cli", "build", args.weights, "-t", target, "-o", str(path)]
             if "int8" in target:
                 command += ["--calib", args.calib, "--calib-size", str(args.calib_size)]
             print(f"building {path} with {src}", file=sys.stderr)
-            subprocess.run(command, env={**os.environ, "PYTHONPATH": src}, check=True, capture_output=True)
+            # cwd=src: ``python -m`` puts the working directory ahead of PYTHONPATH on sys.path
+            subprocess.run(command, env={**os.environ, "PYTHONPATH": src}, cwd=src, check=True, capture_output=True)
         bundles[target] = path
     return bundles
 
