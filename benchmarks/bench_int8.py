@@ -61,6 +61,34 @@ def tune_split():
     return tune, [s.image for s in samples[TUNE_COUNT:]]
 
 
+def coco128_halves():
+    """coco128's samples sorted by name, shuffled with ``random.Random(SPLIT_SEED)``: (first 64, last 64)."""
+    from edgeyolo.datasets import load_dataset
+
+    data = load_dataset(FIXTURES / "coco128")
+    samples = sorted(data.samples, key=lambda s: s.image.name)
+    random.Random(SPLIT_SEED).shuffle(samples)
+    half = len(samples) // 2
+    return data, samples[:half], samples[half:]
+
+
+def coco128_fold(fold: str, out: Path) -> tuple[str, int]:
+    """Calibration list file for fold A (calibrate on the first half) or B (on the second)."""
+    _, first, second = coco128_halves()
+    images = first if fold == "A" else second
+    listing = out / f"calib-coco128-{fold}.txt"
+    listing.write_text("\n".join(str(s.image) for s in images) + "\n")
+    return str(listing), len(images)
+
+
+def coco128_eval_half(fold: str):
+    """The half fold ``fold`` is evaluated on: the half it did not calibrate on."""
+    from edgeyolo.datasets import Dataset
+
+    data, first, second = coco128_halves()
+    return Dataset(root=str(FIXTURES / "coco128"), samples=second if fold == "A" else first, names=data.names)
+
+
 def split_facts() -> dict:
     return {"tune_set": str(TUNE), "split_seed": SPLIT_SEED, "tune_images": TUNE_COUNT,
             "order": "sorted by file name, then random.Random(seed).shuffle"}
@@ -98,17 +126,21 @@ class Study:
               file=sys.stderr, flush=True)
         return row
 
-    def calibration(self, target, size: int):
+    def calibration(self, target, size: int, fold: str = ""):
         from edgeyolo.build import prepare_calibration
 
-        key = (target.imgsz, size)
+        key = (target.imgsz, size, fold)
         if key not in self._calibrations:
-            spec, count = calibration_spec(size, self.out, self.pool)
+            spec, count = calibration_spec(size, self.out, self.pool) if not fold else coco128_fold(fold, self.out)
             self._calibrations[key] = prepare_calibration(WEIGHTS, target, spec, count, seed=0)
         return self._calibrations[key]
 
-    def variant(self, phase: str, name: str, target_name: str, dataset, size: int = 128, **calibration) -> dict:
-        """Build ``target_name`` with ``calibration`` overrides, evaluate on ``dataset``, record it."""
+    def variant(self, phase: str, name: str, target_name: str, dataset, size: int = 128, fold: str = "",
+                **calibration) -> dict:
+        """Build ``target_name`` with ``calibration`` overrides, evaluate on ``dataset``, record it.
+
+        ``fold`` ("A" or "B"): calibrate on that half of coco128 (``coco128_fold``) instead of ``size`` images.
+        """
         if (phase, name) in self.done:
             return self.done[(phase, name)]
         from edgeyolo.build import build_bundle
@@ -121,12 +153,13 @@ class Study:
         target = dataclasses.replace(target, calibration={**target.calibration, **overrides},
                                      backend_options={**target.backend_options, **options})
         bundle_path = self.out / "bundles" / f"{phase}-{name}"
-        cal = self.calibration(target, size) if target.needs_calibration else None
+        cal = self.calibration(target, size, fold) if target.needs_calibration else None
         bundle = build_bundle(WEIGHTS, target, bundle_path, calibration=cal)
-        row = {"phase": phase, "name": name, "target": target.name, "calibration_images": size if cal else 0,
+        row = {"phase": phase, "name": name, "target": target.name, "calibration_images": len(cal) if cal else 0,
+               "calibration_fold": fold,
                "recipe": {**target.calibration, **target.backend_options}, "bundle": str(bundle_path),
                "split": split_facts(), **self.evaluate(bundle, dataset)}
-        if target.backend in ("onnxruntime", "tensorrt") and target.needs_calibration:
+        if target.backend in ("onnxruntime", "tensorrt") and target.needs_calibration and phase != "choose":
             row["proxy"] = self.proxy(bundle)
         row["seconds"] = round(time.perf_counter() - start, 1)
         return self.record(row)
@@ -219,6 +252,65 @@ def rank_layers(s: Study, recipe: dict, size: int) -> list[str]:
     return report.ranked()
 
 
+# recipes compared by ``choose`` (target, [calibration] / [openvino] overrides)
+CANDIDATES = {
+    "cpu-today": ("cpu-int8", TODAY["cpu-int8"]),
+    "cpu-ort-all-mean-minmax": ("cpu-int8", {"method": "mean-minmax", "float_from_stride": 0, "keep_float": []}),
+    "cpu-nncf-mean-minmax": ("cpu-int8", {"quantizer": "nncf", "method": "mean-minmax", "float_from_stride": 0,
+                                          "bias_correction": "fast", "keep_float": []}),
+    "cpu-ort-all-mean-minmax-bc": ("cpu-int8", {"method": "mean-minmax", "float_from_stride": 0,
+                                                "bias_correction": "fast", "keep_float": []}),
+    "cpu-ort-all-minmax-bc": ("cpu-int8", {"method": "minmax", "float_from_stride": 0, "bias_correction": "fast",
+                                           "keep_float": []}),
+    "cpu-ort-all-percentile": ("cpu-int8", {"method": "percentile", "percentile": 99.99, "float_from_stride": 0,
+                                            "keep_float": []}),
+    "cpu-ort-all-percentile-bc": ("cpu-int8", {"method": "percentile", "percentile": 99.99, "float_from_stride": 0,
+                                               "bias_correction": "fast", "keep_float": []}),
+    "cpu-today-bc": ("cpu-int8", {**TODAY["cpu-int8"], "bias_correction": "fast"}),
+    "cpu-nncf-minmax": ("cpu-int8", {"quantizer": "nncf", "method": "minmax", "float_from_stride": 0,
+                                     "bias_correction": "fast", "keep_float": []}),
+    "cpu-nncf-histogram": ("cpu-int8", {"quantizer": "nncf", "method": "histogram", "float_from_stride": 0,
+                                        "bias_correction": "fast", "keep_float": []}),
+    "cpu-nncf-mean-minmax-no-bc": ("cpu-int8", {"quantizer": "nncf", "method": "mean-minmax", "float_from_stride": 0,
+                                                "bias_correction": "none", "keep_float": []}),
+    "cpu-nncf-mean-minmax-full-bc": ("cpu-int8", {"quantizer": "nncf", "method": "mean-minmax",
+                                                  "float_from_stride": 0, "bias_correction": "full",
+                                                  "keep_float": []}),
+    "intel-today": ("intel-cpu-int8", TODAY["intel-cpu-int8"]),
+    "intel-performance-histogram": ("intel-cpu-int8", {"openvino_preset": "performance",
+                                                       "openvino_activations_range": "histogram"}),
+    "intel-histogram-full-bc": ("intel-cpu-int8", {"openvino_activations_range": "histogram",
+                                                   "openvino_fast_bias_correction": False}),
+}
+
+
+def choose(args) -> None:
+    """Compare ``CANDIDATES`` on the two held-out choosing sets (never coco-val-500).
+
+    - tune: the 400 tune images of coco-tune-1193 (re-encoded JPEG q82), calibrated on all of coco128;
+    - cv: coco128 in two seeded halves, each calibrated on one half and evaluated on the other
+      (original COCO JPEGs, as deployment images are; training images of YOLOv5n, so only drops count).
+    A recipe is chosen only if it is better on both.
+    """
+    s = Study(Path(args.out))
+    fp32 = {"tune": s.variant("choose", "fp32-tune", "cpu-fp32", s.tune, size=0)["map50_95"]}
+    for fold in "AB":
+        fp32[fold] = s.variant("choose", f"fp32-cv{fold}", "cpu-fp32", coco128_eval_half(fold), size=0)["map50_95"]
+    table = []
+    for name in args.candidates:
+        target, recipe = CANDIDATES[name]
+        drops = {"tune": s.variant("choose", f"{name}-tune", target, s.tune, **recipe)["map50_95"] - fp32["tune"]}
+        if not args.tune_only:
+            for fold in "AB":
+                row = s.variant("choose", f"{name}-cv{fold}", target, coco128_eval_half(fold), fold=fold, **recipe)
+                drops[fold] = row["map50_95"] - fp32[fold]
+            drops["cv"] = (drops["A"] + drops["B"]) / 2
+        table.append({"name": name, **{k: round(v, 3) for k, v in drops.items()}})
+        print(json.dumps(table[-1]), file=sys.stderr, flush=True)
+    (Path(args.out) / "choose.json").write_text(json.dumps({"fp32": fp32, "drops": table}, indent=2) + "\n")
+    print(json.dumps({"fp32": fp32, "drops": table}, indent=2))
+
+
 def final(args) -> None:
     """The one measurement on coco-val-500: FP32, the recipe before the study and the tune-best ones, per target."""
     from edgeyolo.datasets import load_dataset
@@ -257,7 +349,7 @@ def speed(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=("study", "final", "speed"))
+    parser.add_argument("phase", choices=("study", "choose", "final", "speed"))
     parser.add_argument("--out", default="int8-study")
     parser.add_argument("--methods", nargs="*", default=["mean-minmax", "percentile:99.99", "entropy"],
                         help="study: Q/DQ estimators (percentile:P for a percentile)")
@@ -266,10 +358,12 @@ def main(argv=None) -> None:
     parser.add_argument("--nncf-ranges", nargs="*", default=["mean_minmax"], help="study: NNCF estimators")
     parser.add_argument("--targets", nargs="*", default=["cpu-int8", "intel-cpu-int8", "arm-int8"])
     parser.add_argument("--all-int8", default="mean-minmax", help="speed: the all-INT8 tune variant to time too")
+    parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="choose: recipes to compare")
+    parser.add_argument("--tune-only", action="store_true", help="choose: the tune set only (no coco128 folds)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)
-    {"study": study, "final": final, "speed": speed}[args.phase](args)
+    {"study": study, "choose": choose, "final": final, "speed": speed}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import numpy as np
 from .errors import EdgeYoloError
 
 METHODS = ("mean-minmax", "minmax", "entropy", "percentile")
+QUANTIZERS = ("onnxruntime", "nncf")
 DEFAULT_METHOD = "mean-minmax"
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_FLOAT_STRIDE = 32
@@ -56,10 +57,24 @@ class QuantizeSettings:
     percentile: float = DEFAULT_PERCENTILE
     float_from_stride: int = DEFAULT_FLOAT_STRIDE  # layers at this output stride or coarser stay float; 0: none
     keep_float: tuple[str, ...] = ()  # layers (blocks such as "model.8", or node names) left in float
+    quantizer: str = "onnxruntime"  # who places and calibrates the Q/DQ pairs: onnxruntime | nncf
+    bias_correction: str = "none"  # none | fast (each layer's own mean error) | full (nncf only: layer by layer)
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        if self.quantizer not in QUANTIZERS:
+            raise EdgeYoloError(f"calibration quantizer must be one of {', '.join(QUANTIZERS)}, not {self.quantizer!r}")
+        if self.quantizer == "nncf":
+            from .nncf_qdq import RANGES
+
+            if self.method not in RANGES:
+                raise EdgeYoloError(f"calibration method for quantizer = \"nncf\" must be one of {', '.join(RANGES)}, "
+                                    f"not {self.method!r}")
+        elif self.method not in METHODS:
             raise EdgeYoloError(f"calibration method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        corrections = ("none", "fast", "full") if self.quantizer == "nncf" else ("none", "fast")
+        if self.bias_correction not in corrections:
+            raise EdgeYoloError(f"bias_correction for quantizer = \"{self.quantizer}\" must be one of "
+                                f"{', '.join(corrections)}, not {self.bias_correction!r}")
         if not 90.0 <= self.percentile < 100.0:
             raise EdgeYoloError(f"calibration percentile must be in [90, 100), not {self.percentile}")
         if self.float_from_stride < 0:
@@ -74,10 +89,14 @@ class QuantizeSettings:
         return cls(method=str(calib.get("method", DEFAULT_METHOD)),
                    percentile=float(calib.get("percentile", DEFAULT_PERCENTILE)),
                    float_from_stride=int(calib.get("float_from_stride", DEFAULT_FLOAT_STRIDE)),
-                   keep_float=_as_names(calib.get("keep_float", ())))
+                   keep_float=_as_names(calib.get("keep_float", ())),
+                   quantizer=str(calib.get("quantizer", "onnxruntime")),
+                   bias_correction=str(calib.get("bias_correction", "none")))
 
     def describe(self) -> str:
-        return f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
+        method = f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
+        corrected = f", {self.bias_correction} bias correction" if self.bias_correction != "none" else ""
+        return ("nncf " if self.quantizer == "nncf" else "") + method + corrected
 
 
 def _as_names(value) -> tuple:
@@ -177,32 +196,67 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
     ort = require("onnxruntime", "onnxruntime")
     src, dst = Path(src), Path(dst)
     calibration.method = settings.describe()
-    ranges = calibrate_ranges(src, calibration, settings)
     model = onnx.load(str(src))
     kept = kept_nodes(model, settings.keep_float)
-    qdq, removed = write_qdq(src, ranges, settings, extra_float=kept)
+    if settings.quantizer == "nncf":
+        nncf = require("nncf", "onnxruntime")
+        tool, clipped = f"nncf {nncf.__version__} (onnx backend)", 0
+        qdq, removed = write_nncf_qdq(src, calibration, settings, extra_float=kept)
+    else:
+        tool = f"onnxruntime.quantization {ort.__version__}"
+        ranges = calibrate_ranges(src, calibration, settings)
+        clipped = ranges.clipped
+        qdq, removed = write_qdq(src, ranges, settings, extra_float=kept)
+        if settings.bias_correction != "none":
+            correct_biases(qdq, src, calibration)
     onnx.checker.check_model(qdq)
     tmp = dst.with_name(dst.name + ".tmp")
     onnx.save(qdq, str(tmp))
     tmp.replace(dst)
     summary = summarize_qdq(qdq)
     return {
-        "tool": f"onnxruntime.quantization {ort.__version__}",
+        "tool": tool,
         "format": "QDQ",
         "method": settings.method,
         **({"percentile": settings.percentile} if settings.method == "percentile" else {}),
+        "bias_correction": settings.bias_correction,
         "weights": "int8 symmetric per-channel",
         "activations": "int8 symmetric per-tensor (stored uint8, zero point 128)",
         "images": len(calibration),
         "float_from_stride": settings.float_from_stride,
         "keep_float": list(settings.keep_float),
         "kept_float_nodes": len(kept),
-        "silu_ranges_clipped": ranges.clipped,
+        "silu_ranges_clipped": clipped,
         "quantized_nodes": len(summary["quantized"]),
         "float_nodes": sorted(summary["float"]),
-        "float_outputs_of": list(split_head(onnx.load(str(src))).convs),
+        "float_outputs_of": list(split_head(model).convs),
         "removed_qdq_pairs": removed,
     }
+
+
+def write_nncf_qdq(src: Path, calibration, settings: QuantizeSettings, extra_float=()):
+    """The Q/DQ model of ``src`` placed and calibrated by NNCF (``edgeyolo.nncf_qdq``), the same float parts as
+    ``write_qdq``: head decode, coarse stages and ``extra_float`` nodes. Returns (model, removed head pairs)."""
+    import onnx
+
+    from .nncf_qdq import nncf_quantize_onnx
+
+    model = onnx.load(str(src))
+    head = split_head(model)
+    excluded = sorted(set(head.decode) | set(coarse_nodes(model, settings.float_from_stride)) | set(extra_float))
+    qdq = nncf_quantize_onnx(src, calibration, settings.method, excluded, settings.bias_correction)
+    removed = remove_qdq_on(qdq, head.float_tensors)
+    read_float_inputs(qdq, extra_float)
+    _tag(qdq, model, settings)
+    return qdq, removed
+
+
+def _tag(qdq, model, settings: QuantizeSettings) -> None:
+    """The source's metadata plus one line saying how this graph was quantised."""
+    del qdq.metadata_props[:]
+    qdq.metadata_props.extend(model.metadata_props)
+    kept = f", float: {', '.join(settings.keep_float)}" if settings.keep_float else ""
+    qdq.metadata_props.add(key="quantization", value=f"qdq int8 per-channel weights, {settings.describe()}{kept}")
 
 
 @dataclass
@@ -256,11 +310,83 @@ def write_qdq(src: Path, ranges: Ranges, settings: QuantizeSettings, extra_float
         qdq = onnx.load(str(Path(work) / "qdq.onnx"))
     removed = remove_qdq_on(qdq, head.float_tensors)
     read_float_inputs(qdq, extra_float)
-    del qdq.metadata_props[:]
-    qdq.metadata_props.extend(model.metadata_props)
-    kept = f", float: {', '.join(settings.keep_float)}" if settings.keep_float else ""
-    qdq.metadata_props.add(key="quantization", value=f"qdq int8 per-channel weights, {settings.describe()}{kept}")
+    _tag(qdq, model, settings)
     return qdq, removed
+
+
+def correct_biases(qdq, src: Path, calibration) -> int:
+    """Bias correction: take out of each INT8 convolution's bias the mean error its own INT8 makes.
+
+    Rounding a convolution's weights (per channel) and its input (the Q/DQ before it) moves the
+    mean of its output channels, and the layers after it read that shift as signal. Measured on
+    the FP32 activations of the calibration images (so each layer is corrected for its own error
+    only, not for what earlier layers did, as NNCF's fast bias correction does): the per-channel
+    means of the input before and after its Q/DQ give, through the float and the INT8 weights,
+    the output's mean shift (zero padding at the borders neglected), which is subtracted from the
+    int32 bias in its own steps. Returns how many convolutions were corrected.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    reference = onnx.load(str(src))
+    float_weights = {i.name: i for i in reference.graph.initializer}
+    float_convs = {n.name: n for n in reference.graph.node if n.op_type == "Conv"}
+    inits = {i.name: i for i in qdq.graph.initializer}
+    producer = {out: node for node in qdq.graph.node for out in node.output}
+    array = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
+    plan = []  # (conv, float tensor, input scale, input zero point)
+    for node in qdq.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3 or node.name not in float_convs:
+            continue
+        x_dq, w_dq, b_dq = (producer.get(name) for name in node.input[:3])
+        x_q = producer.get(x_dq.input[0]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
+        if x_q is None or x_q.op_type != "QuantizeLinear" or any(
+                dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits for dq in (w_dq, b_dq)):
+            continue
+        plan.append((node, x_q.input[0], float(array(x_q.input[1])), int(array(x_q.input[2]))))
+    if not plan:
+        return 0
+    input_name = reference.graph.input[0].name
+    tensors = sorted({t for _, t, _, _ in plan} - {input_name})
+    session = ort.InferenceSession(onnx_with_outputs(reference, tensors).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    keys = {(t, scale, zero) for _, t, scale, zero in plan}
+    sums: dict = {}  # (tensor, scale, zero point) -> per-channel [float mean, mean after Q/DQ], summed over images
+    for batch in calibration.batches("NCHW", 1):
+        values = dict(zip(tensors, session.run(tensors, {input_name: batch})), **{input_name: batch})
+        for key in keys:
+            tensor, scale, zero = key
+            x = values[tensor].astype(np.float64)
+            low, high = (0, 255) if zero == 128 else (-128, 127)
+            rounded = (np.clip(np.rint(x / scale) + zero, low, high) - zero) * scale
+            found = [x.mean(axis=(0, 2, 3)), rounded.mean(axis=(0, 2, 3))]
+            sums[key] = [a + b for a, b in zip(sums[key], found)] if key in sums else found
+    for conv, tensor, scale, zero in plan:
+        float_mean, rounded_mean = (v / len(calibration) for v in sums[(tensor, scale, zero)])
+        weight = numpy_helper.to_array(float_weights[float_convs[conv.name].input[1]]).astype(np.float64)
+        w_dq, b_dq = producer[conv.input[1]], producer[conv.input[2]]
+        w_scale = array(w_dq.input[1]).astype(np.float64).reshape(-1, 1, 1, 1)
+        w_zero = array(w_dq.input[2]).astype(np.float64).reshape(-1, 1, 1, 1) if len(w_dq.input) > 2 else 0.0
+        rounded_weight = (array(w_dq.input[0]).astype(np.float64) - w_zero) * w_scale
+        shift = (np.einsum("oikl,i->o", rounded_weight, rounded_mean)
+                 - np.einsum("oikl,i->o", weight, float_mean))
+        bias = inits[b_dq.input[0]]
+        corrected = array(b_dq.input[0]).astype(np.int64) - np.rint(shift / array(b_dq.input[1])).astype(np.int64)
+        bias.CopyFrom(numpy_helper.from_array(np.clip(corrected, -2**31, 2**31 - 1).astype(np.int32), bias.name))
+    return len(plan)
+
+
+def onnx_with_outputs(model, names):
+    """A copy of ``model`` that also returns the tensors ``names`` (float)."""
+    from onnx import TensorProto, helper
+
+    probe = type(model)()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                              for n in names if n not in existing)
+    return probe
 
 
 def calibrate(q, src: Path, work: Path, calibration, input_name: str, settings: QuantizeSettings, op_types):
