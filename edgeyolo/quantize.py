@@ -40,7 +40,6 @@ import numpy as np
 from .errors import EdgeYoloError
 
 METHODS = ("mean-minmax", "minmax", "entropy", "percentile")
-QUANTIZERS = ("onnxruntime", "nncf")
 DEFAULT_METHOD = "mean-minmax"
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_FLOAT_STRIDE = 32
@@ -57,24 +56,13 @@ class QuantizeSettings:
     percentile: float = DEFAULT_PERCENTILE
     float_from_stride: int = DEFAULT_FLOAT_STRIDE  # layers at this output stride or coarser stay float; 0: none
     keep_float: tuple[str, ...] = ()  # layers (blocks such as "model.8", or node names) left in float
-    quantizer: str = "onnxruntime"  # who places and calibrates the Q/DQ pairs: onnxruntime | nncf
-    bias_correction: str = "none"  # none | fast (each layer's own mean error) | full (nncf only: layer by layer)
+    bias_correction: bool = False  # take each convolution's own INT8 mean error out of its bias
 
     def __post_init__(self):
-        if self.quantizer not in QUANTIZERS:
-            raise EdgeYoloError(f"calibration quantizer must be one of {', '.join(QUANTIZERS)}, not {self.quantizer!r}")
-        if self.quantizer == "nncf":
-            from .nncf_qdq import RANGES
-
-            if self.method not in RANGES:
-                raise EdgeYoloError(f"calibration method for quantizer = \"nncf\" must be one of {', '.join(RANGES)}, "
-                                    f"not {self.method!r}")
-        elif self.method not in METHODS:
+        if self.method not in METHODS:
             raise EdgeYoloError(f"calibration method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        corrections = ("none", "fast", "full") if self.quantizer == "nncf" else ("none", "fast")
-        if self.bias_correction not in corrections:
-            raise EdgeYoloError(f"bias_correction for quantizer = \"{self.quantizer}\" must be one of "
-                                f"{', '.join(corrections)}, not {self.bias_correction!r}")
+        if not isinstance(self.bias_correction, bool):
+            raise EdgeYoloError(f"bias_correction must be true or false, not {self.bias_correction!r}")
         if not 90.0 <= self.percentile < 100.0:
             raise EdgeYoloError(f"calibration percentile must be in [90, 100), not {self.percentile}")
         if self.float_from_stride < 0:
@@ -90,13 +78,11 @@ class QuantizeSettings:
                    percentile=float(calib.get("percentile", DEFAULT_PERCENTILE)),
                    float_from_stride=int(calib.get("float_from_stride", DEFAULT_FLOAT_STRIDE)),
                    keep_float=_as_names(calib.get("keep_float", ())),
-                   quantizer=str(calib.get("quantizer", "onnxruntime")),
-                   bias_correction=str(calib.get("bias_correction", "none")))
+                   bias_correction=calib.get("bias_correction", False))
 
     def describe(self) -> str:
         method = f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
-        corrected = f", {self.bias_correction} bias correction" if self.bias_correction != "none" else ""
-        return ("nncf " if self.quantizer == "nncf" else "") + method + corrected
+        return method + (", bias correction" if self.bias_correction else "")
 
 
 def _as_names(value) -> tuple:
@@ -198,57 +184,32 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
     calibration.method = settings.describe()
     model = onnx.load(str(src))
     kept = kept_nodes(model, settings.keep_float)
-    if settings.quantizer == "nncf":
-        nncf = require("nncf", "onnxruntime")
-        tool, clipped = f"nncf {nncf.__version__} (onnx backend)", 0
-        qdq, removed = write_nncf_qdq(src, calibration, settings, extra_float=kept)
-    else:
-        tool = f"onnxruntime.quantization {ort.__version__}"
-        ranges = calibrate_ranges(src, calibration, settings)
-        clipped = ranges.clipped
-        qdq, removed = write_qdq(src, ranges, settings, extra_float=kept)
-        if settings.bias_correction != "none":
-            correct_biases(qdq, src, calibration)
+    ranges = calibrate_ranges(src, calibration, settings)
+    qdq, removed = write_qdq(src, ranges, settings, extra_float=kept)
+    corrected = correct_biases(qdq, src, calibration) if settings.bias_correction else 0
     onnx.checker.check_model(qdq)
     tmp = dst.with_name(dst.name + ".tmp")
     onnx.save(qdq, str(tmp))
     tmp.replace(dst)
     summary = summarize_qdq(qdq)
     return {
-        "tool": tool,
+        "tool": f"onnxruntime.quantization {ort.__version__}",
         "format": "QDQ",
         "method": settings.method,
         **({"percentile": settings.percentile} if settings.method == "percentile" else {}),
-        "bias_correction": settings.bias_correction,
+        "bias_corrected_convs": corrected,
         "weights": "int8 symmetric per-channel",
         "activations": "int8 symmetric per-tensor (stored uint8, zero point 128)",
         "images": len(calibration),
         "float_from_stride": settings.float_from_stride,
         "keep_float": list(settings.keep_float),
         "kept_float_nodes": len(kept),
-        "silu_ranges_clipped": clipped,
+        "silu_ranges_clipped": ranges.clipped,
         "quantized_nodes": len(summary["quantized"]),
         "float_nodes": sorted(summary["float"]),
         "float_outputs_of": list(split_head(model).convs),
         "removed_qdq_pairs": removed,
     }
-
-
-def write_nncf_qdq(src: Path, calibration, settings: QuantizeSettings, extra_float=()):
-    """The Q/DQ model of ``src`` placed and calibrated by NNCF (``edgeyolo.nncf_qdq``), the same float parts as
-    ``write_qdq``: head decode, coarse stages and ``extra_float`` nodes. Returns (model, removed head pairs)."""
-    import onnx
-
-    from .nncf_qdq import nncf_quantize_onnx
-
-    model = onnx.load(str(src))
-    head = split_head(model)
-    excluded = sorted(set(head.decode) | set(coarse_nodes(model, settings.float_from_stride)) | set(extra_float))
-    qdq = nncf_quantize_onnx(src, calibration, settings.method, excluded, settings.bias_correction)
-    removed = remove_qdq_on(qdq, head.float_tensors)
-    read_float_inputs(qdq, extra_float)
-    _tag(qdq, model, settings)
-    return qdq, removed
 
 
 def _tag(qdq, model, settings: QuantizeSettings) -> None:
@@ -315,15 +276,37 @@ def write_qdq(src: Path, ranges: Ranges, settings: QuantizeSettings, extra_float
 
 
 def correct_biases(qdq, src: Path, calibration) -> int:
-    """Bias correction: take out of each INT8 convolution's bias the mean error its own INT8 makes.
+    """Bias correction of ``qdq`` in place (``bias_shifts`` then ``apply_bias_shifts``); how many convs changed."""
+    return apply_bias_shifts(qdq, bias_shifts(qdq, src, calibration))
+
+
+def apply_bias_shifts(qdq, shifts: dict) -> int:
+    """Subtract ``shifts`` (int32 bias initializer name → steps) from the biases of ``qdq`` that have them.
+
+    A layer's shift depends only on its own weights and input Q/DQ, so shifts measured on the
+    all-INT8 graph hold for any placement that quantises that layer the same way (sensitivity).
+    """
+    from onnx import numpy_helper
+
+    changed = 0
+    for bias in qdq.graph.initializer:
+        if bias.name in shifts:
+            values = numpy_helper.to_array(bias).astype(np.int64) - shifts[bias.name]
+            bias.CopyFrom(numpy_helper.from_array(np.clip(values, -2**31, 2**31 - 1).astype(np.int32), bias.name))
+            changed += 1
+    return changed
+
+
+def bias_shifts(qdq, src: Path, calibration) -> dict:
+    """Bias correction: the int32 steps to take out of each INT8 convolution's bias (its own mean error).
 
     Rounding a convolution's weights (per channel) and its input (the Q/DQ before it) moves the
     mean of its output channels, and the layers after it read that shift as signal. Measured on
     the FP32 activations of the calibration images (so each layer is corrected for its own error
     only, not for what earlier layers did, as NNCF's fast bias correction does): the per-channel
     means of the input before and after its Q/DQ give, through the float and the INT8 weights,
-    the output's mean shift (zero padding at the borders neglected), which is subtracted from the
-    int32 bias in its own steps. Returns how many convolutions were corrected.
+    the output's mean shift (zero padding at the borders neglected), to be subtracted from the
+    int32 bias in its own steps. Returns {bias initializer name: steps}.
     """
     import onnx
     import onnxruntime as ort
@@ -346,7 +329,7 @@ def correct_biases(qdq, src: Path, calibration) -> int:
             continue
         plan.append((node, x_q.input[0], float(array(x_q.input[1])), int(array(x_q.input[2]))))
     if not plan:
-        return 0
+        return {}
     input_name = reference.graph.input[0].name
     tensors = sorted({t for _, t, _, _ in plan} - {input_name})
     session = ort.InferenceSession(onnx_with_outputs(reference, tensors).SerializeToString(),
@@ -362,6 +345,7 @@ def correct_biases(qdq, src: Path, calibration) -> int:
             rounded = (np.clip(np.rint(x / scale) + zero, low, high) - zero) * scale
             found = [x.mean(axis=(0, 2, 3)), rounded.mean(axis=(0, 2, 3))]
             sums[key] = [a + b for a, b in zip(sums[key], found)] if key in sums else found
+    shifts = {}
     for conv, tensor, scale, zero in plan:
         float_mean, rounded_mean = (v / len(calibration) for v in sums[(tensor, scale, zero)])
         weight = numpy_helper.to_array(float_weights[float_convs[conv.name].input[1]]).astype(np.float64)
@@ -371,10 +355,8 @@ def correct_biases(qdq, src: Path, calibration) -> int:
         rounded_weight = (array(w_dq.input[0]).astype(np.float64) - w_zero) * w_scale
         shift = (np.einsum("oikl,i->o", rounded_weight, rounded_mean)
                  - np.einsum("oikl,i->o", weight, float_mean))
-        bias = inits[b_dq.input[0]]
-        corrected = array(b_dq.input[0]).astype(np.int64) - np.rint(shift / array(b_dq.input[1])).astype(np.int64)
-        bias.CopyFrom(numpy_helper.from_array(np.clip(corrected, -2**31, 2**31 - 1).astype(np.int32), bias.name))
-    return len(plan)
+        shifts[b_dq.input[0]] = np.rint(shift / array(b_dq.input[1])).astype(np.int64)
+    return shifts
 
 
 def onnx_with_outputs(model, names):
