@@ -16,6 +16,9 @@ held-out split of coco-tune-1193 (``docs/int8.md``, ``benchmarks/bench_int8.py``
 - the head stays in float: the detection convolutions' outputs and everything after them
   (reshape, transpose, sigmoid, concat) are never quantised. One int8 scale over box and class
   values is the known trap;
+- ``bias_correction``: each convolution's int32 bias loses the mean error its own INT8 (rounded
+  weights, rounded and clipped input) adds to its output channels, measured on the FP32
+  activations of the calibration images (``bias_shifts``); the Q/DQ placement is unchanged;
 - ``keep_float``: blocks (``model.1``) left in float with no Q/DQ around them, inputs included
   (FP16 on TensorRT), ranked by ``edgeyolo sensitivity``; ``float_from_stride``: every layer at
   that output stride or coarser left in float (0: none).

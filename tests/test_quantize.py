@@ -25,7 +25,7 @@ from edgeyolo.quantize import (
 
 ort = pytest.importorskip("onnxruntime")
 
-MAX_DROP_POINTS = 1.0  # the bound for cpu-int8 vs cpu-fp32 (mAP50-95, coco-val-500)
+MAX_DROP_POINTS = 0.95  # measured 0.88 (every stage INT8, bias correction, all of coco128); was 0.98 before
 
 
 @pytest.fixture(scope="session")
