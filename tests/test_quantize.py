@@ -222,9 +222,10 @@ def test_asymmetric_activations_are_refused_for_tensorrt():
 
 
 # --------------------------------------------------------------------------- accuracy
-# Measured vs cpu-fp32 on the sample images, detections scoring >= 0.5: IoU >= 0.967, scores within 0.147 when
-# calibrated on all 128 coco128 images; 0.976 and 0.130 on the edit loop's 32.
-INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.95, 0.17
+# Measured vs cpu-fp32 on the sample images, detections scoring >= 0.5 (every stage INT8, bias correction):
+# IoU >= 0.910, scores within 0.052 when calibrated on all 128 coco128 images; 0.927 and 0.055 on the edit
+# loop's 32. (The old recipe, stride-32 stage float, no bias correction: 0.967 / 0.147 and 0.976 / 0.130.)
+INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.88, 0.08
 
 
 def test_cpu_int8_matches_cpu_fp32_within_stated_tolerance(cpu_fp32_bundle, cpu_int8_bundle, images):
