@@ -82,3 +82,20 @@ def test_bias_correction_key_in_a_target_file(tmp_path):
         load_target(path)
     path.write_text(path.read_text().replace("= 1", "= true"))
     assert QuantizeSettings.from_target(load_target(path)).bias_correction is True
+
+
+def test_sensitivity_measures_the_bias_corrected_graph(small_onnx, small_calibration):
+    """With bias correction on, the ranking's all-INT8 baseline is exactly the graph a build writes."""
+    from edgeyolo.sensitivity import OnnxRunner, proxy_error, qdq_sensitivity
+
+    inputs = list(small_calibration.batches("NCHW", 1))[:2]
+    settings = QuantizeSettings(float_from_stride=0, bias_correction=True)
+    report = qdq_sensitivity(small_onnx, small_calibration, inputs, settings, candidates=["model.1"])
+    plain = qdq_sensitivity(small_onnx, small_calibration, inputs, dataclasses.replace(settings, bias_correction=False),
+                            candidates=["model.1"])
+    built, _ = write_qdq(small_onnx, calibrate_ranges(small_onnx, small_calibration, settings), settings)
+    correct_biases(built, small_onnx, small_calibration)
+    run = OnnxRunner(inputs)
+    assert report.baseline_error == pytest.approx(proxy_error(run(small_onnx), run(built)), rel=1e-6)
+    assert report.baseline_error != pytest.approx(plain.baseline_error, rel=1e-3)
+    assert report.settings["method"] == "mean-minmax, bias correction"
