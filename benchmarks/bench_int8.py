@@ -1,14 +1,18 @@
 """INT8 recipes chosen on a held-out tune split, reported once on coco-val-500, with INT8 vs FP32 speed.
 
-    python benchmarks/bench_int8.py study  [--out int8-study]   # choose: everything on the tune split
-    python benchmarks/bench_int8.py final  [--out int8-study]   # report: defaults vs the tune-best recipes, coco-val-500
-    python benchmarks/bench_int8.py speed  [--out int8-study]   # FP32 / INT8 / INT8 + kept layers, interleaved
+    python benchmarks/bench_int8.py study  [--out int8-study]   # the first study: everything on the tune split
+    python benchmarks/bench_int8.py choose [--out int8-study]   # compare recipes on the tune split AND coco128 folds
+    python benchmarks/bench_int8.py final  [--out int8-study]   # report: each INT8 target's defaults, coco-val-500
+    python benchmarks/bench_int8.py speed  [--out int8-study]   # FP32 vs the final INT8 bundles, interleaved
 
 The split (recorded in every result): coco-tune-1193's images, sorted by name, shuffled with
 ``random.Random(SPLIT_SEED)``; the first ``TUNE_COUNT`` are the **tune** set (every choice is
 made by its mAP there), the other 793 are the **pool** that calibration sets larger than coco128
 (300, 500 images) are drawn from. Calibration sets of 64 and 128 images come from coco128.
-coco-val-500 is only read by ``final``, for the recipes ``study`` picked.
+``choose`` adds a second held-out set because the tune split alone did not predict coco-val-500
+(its images are re-encoded JPEGs): coco128 in two seeded halves, each calibrated on one half and
+evaluated on the other; a recipe is taken only if it wins on both. coco-val-500 is only read by
+``final``, for the targets' defaults once they are chosen.
 
 Each variant is a real build (``build_bundle`` with the variant's ``[calibration]`` table) and a
 real evaluation (``evaluate``, COCO mAP50-95); the proxy of ``edgeyolo sensitivity`` (objectness-
@@ -35,14 +39,8 @@ TUNE_COUNT = 400
 PROXY_IMAGES = 64  # the proxy recorded beside each variant's mAP
 RANKING_IMAGES = 16  # the per-layer ranking (26 variants): the first 16 of those
 # the recipes before this study (chosen on coco-val-500 itself), rebuilt for the comparison
-TODAY = {"cpu-int8": {"method": "mean-minmax", "float_from_stride": 32, "keep_float": []},
+TODAY = {"cpu-int8": {"method": "mean-minmax", "float_from_stride": 32, "keep_float": [], "bias_correction": False},
          "intel-cpu-int8": {"openvino_activations_range": "histogram", "keep_float": []}}
-# what the study on the tune split chose (docs/int8.md), measured once on coco-val-500 by ``final``
-TUNE_BEST = {"cpu-int8": {"keep-4": {"method": "percentile", "percentile": 99.99, "float_from_stride": 0,
-                                     "keep_float": ["model.0", "model.2", "model.4", "model.24"]},
-                          "all-int8": {"method": "percentile", "percentile": 99.99, "float_from_stride": 0,
-                                       "keep_float": []}},
-             "intel-cpu-int8": {"mean-minmax": {"openvino_activations_range": "mean_minmax", "keep_float": []}}}
 WEIGHTS = FIXTURES / "weights" / "yolov5n.pt"
 COCO128 = FIXTURES / "coco128" / "images"
 TUNE = FIXTURES / "coco-tune-1193"
@@ -59,6 +57,34 @@ def tune_split():
     random.Random(SPLIT_SEED).shuffle(samples)
     tune = Dataset(root=str(TUNE), samples=samples[:TUNE_COUNT], names=data.names)
     return tune, [s.image for s in samples[TUNE_COUNT:]]
+
+
+def coco128_halves():
+    """coco128's samples sorted by name, shuffled with ``random.Random(SPLIT_SEED)``: (first 64, last 64)."""
+    from edgeyolo.datasets import load_dataset
+
+    data = load_dataset(FIXTURES / "coco128")
+    samples = sorted(data.samples, key=lambda s: s.image.name)
+    random.Random(SPLIT_SEED).shuffle(samples)
+    half = len(samples) // 2
+    return data, samples[:half], samples[half:]
+
+
+def coco128_fold(fold: str, out: Path) -> tuple[str, int]:
+    """Calibration list file for fold A (calibrate on the first half) or B (on the second)."""
+    _, first, second = coco128_halves()
+    images = first if fold == "A" else second
+    listing = out / f"calib-coco128-{fold}.txt"
+    listing.write_text("\n".join(str(s.image) for s in images) + "\n")
+    return str(listing), len(images)
+
+
+def coco128_eval_half(fold: str):
+    """The half fold ``fold`` is evaluated on: the half it did not calibrate on."""
+    from edgeyolo.datasets import Dataset
+
+    data, first, second = coco128_halves()
+    return Dataset(root=str(FIXTURES / "coco128"), samples=second if fold == "A" else first, names=data.names)
 
 
 def split_facts() -> dict:
@@ -98,17 +124,21 @@ class Study:
               file=sys.stderr, flush=True)
         return row
 
-    def calibration(self, target, size: int):
+    def calibration(self, target, size: int, fold: str = ""):
         from edgeyolo.build import prepare_calibration
 
-        key = (target.imgsz, size)
+        key = (target.imgsz, size, fold)
         if key not in self._calibrations:
-            spec, count = calibration_spec(size, self.out, self.pool)
+            spec, count = calibration_spec(size, self.out, self.pool) if not fold else coco128_fold(fold, self.out)
             self._calibrations[key] = prepare_calibration(WEIGHTS, target, spec, count, seed=0)
         return self._calibrations[key]
 
-    def variant(self, phase: str, name: str, target_name: str, dataset, size: int = 128, **calibration) -> dict:
-        """Build ``target_name`` with ``calibration`` overrides, evaluate on ``dataset``, record it."""
+    def variant(self, phase: str, name: str, target_name: str, dataset, size: int = 128, fold: str = "",
+                **calibration) -> dict:
+        """Build ``target_name`` with ``calibration`` overrides, evaluate on ``dataset``, record it.
+
+        ``fold`` ("A" or "B"): calibrate on that half of coco128 (``coco128_fold``) instead of ``size`` images.
+        """
         if (phase, name) in self.done:
             return self.done[(phase, name)]
         from edgeyolo.build import build_bundle
@@ -121,12 +151,13 @@ class Study:
         target = dataclasses.replace(target, calibration={**target.calibration, **overrides},
                                      backend_options={**target.backend_options, **options})
         bundle_path = self.out / "bundles" / f"{phase}-{name}"
-        cal = self.calibration(target, size) if target.needs_calibration else None
+        cal = self.calibration(target, size, fold) if target.needs_calibration else None
         bundle = build_bundle(WEIGHTS, target, bundle_path, calibration=cal)
-        row = {"phase": phase, "name": name, "target": target.name, "calibration_images": size if cal else 0,
+        row = {"phase": phase, "name": name, "target": target.name, "calibration_images": len(cal) if cal else 0,
+               "calibration_fold": fold,
                "recipe": {**target.calibration, **target.backend_options}, "bundle": str(bundle_path),
                "split": split_facts(), **self.evaluate(bundle, dataset)}
-        if target.backend in ("onnxruntime", "tensorrt") and target.needs_calibration:
+        if target.backend in ("onnxruntime", "tensorrt") and target.needs_calibration and phase != "choose":
             row["proxy"] = self.proxy(bundle)
         row["seconds"] = round(time.perf_counter() - start, 1)
         return self.record(row)
@@ -219,18 +250,61 @@ def rank_layers(s: Study, recipe: dict, size: int) -> list[str]:
     return report.ranked()
 
 
+# recipes compared by ``choose`` (target, [calibration] / [openvino] overrides); see docs/int8.md for the
+# NNCF-placed Q/DQ graph (nncf.quantize on the ONNX) that was compared too and removed
+ALL_INT8 = {"float_from_stride": 0, "keep_float": []}
+CANDIDATES = {
+    "cpu-today": ("cpu-int8", TODAY["cpu-int8"]),
+    "cpu-today-bc": ("cpu-int8", {**TODAY["cpu-int8"], "bias_correction": True}),
+    "cpu-ort-all-mean-minmax": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "bias_correction": False}),
+    "cpu-ort-all-mean-minmax-bc": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "bias_correction": True}),
+    "cpu-ort-all-minmax-bc": ("cpu-int8", {**ALL_INT8, "method": "minmax", "bias_correction": True}),
+    "cpu-ort-all-percentile": ("cpu-int8", {**ALL_INT8, "method": "percentile", "percentile": 99.99,
+                                            "bias_correction": False}),
+    "cpu-ort-all-percentile-bc": ("cpu-int8", {**ALL_INT8, "method": "percentile", "percentile": 99.99,
+                                               "bias_correction": True}),
+    "intel-today": ("intel-cpu-int8", TODAY["intel-cpu-int8"]),
+    "intel-histogram-full-bc": ("intel-cpu-int8", {"openvino_activations_range": "histogram",
+                                                   "openvino_fast_bias_correction": False}),
+}
+
+
+def choose(args) -> None:
+    """Compare ``CANDIDATES`` on the two held-out choosing sets (never coco-val-500).
+
+    - tune: the 400 tune images of coco-tune-1193 (re-encoded JPEG q82), calibrated on all of coco128;
+    - cv: coco128 in two seeded halves, each calibrated on one half and evaluated on the other
+      (original COCO JPEGs, as deployment images are; training images of YOLOv5n, so only drops count).
+    A recipe is chosen only if it is better on both.
+    """
+    s = Study(Path(args.out))
+    fp32 = {"tune": s.variant("choose", "fp32-tune", "cpu-fp32", s.tune, size=0)["map50_95"]}
+    for fold in "AB":
+        fp32[fold] = s.variant("choose", f"fp32-cv{fold}", "cpu-fp32", coco128_eval_half(fold), size=0)["map50_95"]
+    table = []
+    for name in args.candidates:
+        target, recipe = CANDIDATES[name]
+        drops = {"tune": s.variant("choose", f"{name}-tune", target, s.tune, **recipe)["map50_95"] - fp32["tune"]}
+        if not args.tune_only:
+            for fold in "AB":
+                row = s.variant("choose", f"{name}-cv{fold}", target, coco128_eval_half(fold), fold=fold, **recipe)
+                drops[fold] = row["map50_95"] - fp32[fold]
+            drops["cv"] = (drops["A"] + drops["B"]) / 2
+        table.append({"name": name, **{k: round(v, 3) for k, v in drops.items()}})
+        print(json.dumps(table[-1]), file=sys.stderr, flush=True)
+    (Path(args.out) / "choose.json").write_text(json.dumps({"fp32": fp32, "drops": table}, indent=2) + "\n")
+    print(json.dumps({"fp32": fp32, "drops": table}, indent=2))
+
+
 def final(args) -> None:
-    """The one measurement on coco-val-500: FP32, the recipe before the study and the tune-best ones, per target."""
+    """The one measurement on coco-val-500: FP32 and each INT8 target's defaults (its own TOML, no overrides)."""
     from edgeyolo.datasets import load_dataset
 
     s = Study(Path(args.out))
     val = load_dataset(VAL)
     s.variant("val", "fp32", "cpu-fp32", val, size=0)
     for target in args.targets:
-        if target in TODAY:
-            s.variant("val", f"{target}-today", target, val, **TODAY[target])
-        for name, recipe in TUNE_BEST.get(target, {}).items():
-            s.variant("val", f"{target}-{name}", target, val, **recipe)
+        s.variant("val", f"{target}-default", target, val)
 
 
 def speed(args) -> None:
@@ -241,9 +315,9 @@ def speed(args) -> None:
     s = Study(Path(args.out))
     bundles = {n: Path(r["bundle"]) for (p, n), r in s.done.items()
                if p == "val" and not n.startswith("arm-") and (n == "fp32" or n.startswith(tuple(args.targets)))}
-    extra = s.done.get(("tune", "qdq-all-" + args.all_int8))
-    if extra:
-        bundles["cpu-int8-no-kept-layers"] = Path(extra["bundle"])
+    for key in args.also:  # other bundles of OUT to time beside them, as PHASE:NAME
+        phase, _, name = key.partition(":")
+        bundles[name] = Path(s.done[(phase, name)]["bundle"])
     ns = argparse.Namespace(images=str(FIXTURES / "images"), threads=None, warmup=5, rounds=args.rounds,
                             iters=args.iters)
     results = run_interleaved(bundles, ns)
@@ -257,7 +331,7 @@ def speed(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=("study", "final", "speed"))
+    parser.add_argument("phase", choices=("study", "choose", "final", "speed"))
     parser.add_argument("--out", default="int8-study")
     parser.add_argument("--methods", nargs="*", default=["mean-minmax", "percentile:99.99", "entropy"],
                         help="study: Q/DQ estimators (percentile:P for a percentile)")
@@ -265,11 +339,13 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-counts", type=int, nargs="*", default=[2, 4])
     parser.add_argument("--nncf-ranges", nargs="*", default=["mean_minmax"], help="study: NNCF estimators")
     parser.add_argument("--targets", nargs="*", default=["cpu-int8", "intel-cpu-int8", "arm-int8"])
-    parser.add_argument("--all-int8", default="mean-minmax", help="speed: the all-INT8 tune variant to time too")
+    parser.add_argument("--also", nargs="*", default=[], help="speed: more bundles of OUT to time, as PHASE:NAME")
+    parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="choose: recipes to compare")
+    parser.add_argument("--tune-only", action="store_true", help="choose: the tune set only (no coco128 folds)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)
-    {"study": study, "final": final, "speed": speed}[args.phase](args)
+    {"study": study, "choose": choose, "final": final, "speed": speed}[args.phase](args)
 
 
 if __name__ == "__main__":

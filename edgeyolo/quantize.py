@@ -16,6 +16,9 @@ held-out split of coco-tune-1193 (``docs/int8.md``, ``benchmarks/bench_int8.py``
 - the head stays in float: the detection convolutions' outputs and everything after them
   (reshape, transpose, sigmoid, concat) are never quantised. One int8 scale over box and class
   values is the known trap;
+- ``bias_correction``: each convolution's int32 bias loses the mean error its own INT8 (rounded
+  weights, rounded and clipped input) adds to its output channels, measured on the FP32
+  activations of the calibration images (``bias_shifts``); the Q/DQ placement is unchanged;
 - ``keep_float``: blocks (``model.1``) left in float with no Q/DQ around them, inputs included
   (FP16 on TensorRT), ranked by ``edgeyolo sensitivity``; ``float_from_stride``: every layer at
   that output stride or coarser left in float (0: none).
@@ -56,10 +59,13 @@ class QuantizeSettings:
     percentile: float = DEFAULT_PERCENTILE
     float_from_stride: int = DEFAULT_FLOAT_STRIDE  # layers at this output stride or coarser stay float; 0: none
     keep_float: tuple[str, ...] = ()  # layers (blocks such as "model.8", or node names) left in float
+    bias_correction: bool = False  # take each convolution's own INT8 mean error out of its bias
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise EdgeYoloError(f"calibration method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if not isinstance(self.bias_correction, bool):
+            raise EdgeYoloError(f"bias_correction must be true or false, not {self.bias_correction!r}")
         if not 90.0 <= self.percentile < 100.0:
             raise EdgeYoloError(f"calibration percentile must be in [90, 100), not {self.percentile}")
         if self.float_from_stride < 0:
@@ -74,10 +80,12 @@ class QuantizeSettings:
         return cls(method=str(calib.get("method", DEFAULT_METHOD)),
                    percentile=float(calib.get("percentile", DEFAULT_PERCENTILE)),
                    float_from_stride=int(calib.get("float_from_stride", DEFAULT_FLOAT_STRIDE)),
-                   keep_float=_as_names(calib.get("keep_float", ())))
+                   keep_float=_as_names(calib.get("keep_float", ())),
+                   bias_correction=calib.get("bias_correction", False))
 
     def describe(self) -> str:
-        return f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
+        method = f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
+        return method + (", bias correction" if self.bias_correction else "")
 
 
 def _as_names(value) -> tuple:
@@ -179,10 +187,11 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
     if getattr(calibration, "learned", False):  # a QAT checkpoint's learned ranges (optimize/qat/learned.py)
         return calibration.write(src, dst)
     calibration.method = settings.describe()
-    ranges = calibrate_ranges(src, calibration, settings)
     model = onnx.load(str(src))
     kept = kept_nodes(model, settings.keep_float)
+    ranges = calibrate_ranges(src, calibration, settings)
     qdq, removed = write_qdq(src, ranges, settings, extra_float=kept)
+    corrected = correct_biases(qdq, src, calibration) if settings.bias_correction else 0
     onnx.checker.check_model(qdq)
     tmp = dst.with_name(dst.name + ".tmp")
     onnx.save(qdq, str(tmp))
@@ -193,6 +202,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
         "format": "QDQ",
         "method": settings.method,
         **({"percentile": settings.percentile} if settings.method == "percentile" else {}),
+        "bias_corrected_convs": corrected,
         "weights": "int8 symmetric per-channel",
         "activations": "int8 symmetric per-tensor (stored uint8, zero point 128)",
         "images": len(calibration),
@@ -202,9 +212,17 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
         "silu_ranges_clipped": ranges.clipped,
         "quantized_nodes": len(summary["quantized"]),
         "float_nodes": sorted(summary["float"]),
-        "float_outputs_of": list(split_head(onnx.load(str(src))).convs),
+        "float_outputs_of": list(split_head(model).convs),
         "removed_qdq_pairs": removed,
     }
+
+
+def _tag(qdq, model, settings: QuantizeSettings) -> None:
+    """The source's metadata plus one line saying how this graph was quantised."""
+    del qdq.metadata_props[:]
+    qdq.metadata_props.extend(model.metadata_props)
+    kept = f", float: {', '.join(settings.keep_float)}" if settings.keep_float else ""
+    qdq.metadata_props.add(key="quantization", value=f"qdq int8 per-channel weights, {settings.describe()}{kept}")
 
 
 @dataclass
@@ -258,11 +276,104 @@ def write_qdq(src: Path, ranges: Ranges, settings: QuantizeSettings, extra_float
         qdq = onnx.load(str(Path(work) / "qdq.onnx"))
     removed = remove_qdq_on(qdq, head.float_tensors)
     read_float_inputs(qdq, extra_float)
-    del qdq.metadata_props[:]
-    qdq.metadata_props.extend(model.metadata_props)
-    kept = f", float: {', '.join(settings.keep_float)}" if settings.keep_float else ""
-    qdq.metadata_props.add(key="quantization", value=f"qdq int8 per-channel weights, {settings.describe()}{kept}")
+    _tag(qdq, model, settings)
     return qdq, removed
+
+
+def correct_biases(qdq, src: Path, calibration) -> int:
+    """Bias correction of ``qdq`` in place (``bias_shifts`` then ``apply_bias_shifts``); how many convs changed."""
+    return apply_bias_shifts(qdq, bias_shifts(qdq, src, calibration))
+
+
+def apply_bias_shifts(qdq, shifts: dict) -> int:
+    """Subtract ``shifts`` (int32 bias initializer name → steps) from the biases of ``qdq`` that have them.
+
+    A layer's shift depends only on its own weights and input Q/DQ, so shifts measured on the
+    all-INT8 graph hold for any placement that quantises that layer the same way (sensitivity).
+    """
+    from onnx import numpy_helper
+
+    changed = 0
+    for bias in qdq.graph.initializer:
+        if bias.name in shifts:
+            values = numpy_helper.to_array(bias).astype(np.int64) - shifts[bias.name]
+            bias.CopyFrom(numpy_helper.from_array(np.clip(values, -2**31, 2**31 - 1).astype(np.int32), bias.name))
+            changed += 1
+    return changed
+
+
+def bias_shifts(qdq, src: Path, calibration) -> dict:
+    """Bias correction: the int32 steps to take out of each INT8 convolution's bias (its own mean error).
+
+    Rounding a convolution's weights (per channel) and its input (the Q/DQ before it) moves the
+    mean of its output channels, and the layers after it read that shift as signal. Measured on
+    the FP32 activations of the calibration images (so each layer is corrected for its own error
+    only, not for what earlier layers did, as NNCF's fast bias correction does): the per-channel
+    means of the input before and after its Q/DQ give, through the float and the INT8 weights,
+    the output's mean shift (zero padding at the borders neglected), to be subtracted from the
+    int32 bias in its own steps. Returns {bias initializer name: steps}.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    reference = onnx.load(str(src))
+    float_weights = {i.name: i for i in reference.graph.initializer}
+    float_convs = {n.name: n for n in reference.graph.node if n.op_type == "Conv"}
+    inits = {i.name: i for i in qdq.graph.initializer}
+    producer = {out: node for node in qdq.graph.node for out in node.output}
+    array = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
+    plan = []  # (conv, float tensor, input scale, input zero point)
+    for node in qdq.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3 or node.name not in float_convs:
+            continue
+        x_dq, w_dq, b_dq = (producer.get(name) for name in node.input[:3])
+        x_q = producer.get(x_dq.input[0]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
+        if x_q is None or x_q.op_type != "QuantizeLinear" or any(
+                dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits for dq in (w_dq, b_dq)):
+            continue
+        plan.append((node, x_q.input[0], float(array(x_q.input[1])), int(array(x_q.input[2]))))
+    if not plan:
+        return {}
+    input_name = reference.graph.input[0].name
+    tensors = sorted({t for _, t, _, _ in plan} - {input_name})
+    session = ort.InferenceSession(onnx_with_outputs(reference, tensors).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    keys = {(t, scale, zero) for _, t, scale, zero in plan}
+    sums: dict = {}  # (tensor, scale, zero point) -> per-channel [float mean, mean after Q/DQ], summed over images
+    for batch in calibration.batches("NCHW", 1):
+        values = dict(zip(tensors, session.run(tensors, {input_name: batch})), **{input_name: batch})
+        for key in keys:
+            tensor, scale, zero = key
+            x = values[tensor].astype(np.float64)
+            low, high = (0, 255) if zero == 128 else (-128, 127)
+            rounded = (np.clip(np.rint(x / scale) + zero, low, high) - zero) * scale
+            found = [x.mean(axis=(0, 2, 3)), rounded.mean(axis=(0, 2, 3))]
+            sums[key] = [a + b for a, b in zip(sums[key], found)] if key in sums else found
+    shifts = {}
+    for conv, tensor, scale, zero in plan:
+        float_mean, rounded_mean = (v / len(calibration) for v in sums[(tensor, scale, zero)])
+        weight = numpy_helper.to_array(float_weights[float_convs[conv.name].input[1]]).astype(np.float64)
+        w_dq, b_dq = producer[conv.input[1]], producer[conv.input[2]]
+        w_scale = array(w_dq.input[1]).astype(np.float64).reshape(-1, 1, 1, 1)
+        w_zero = array(w_dq.input[2]).astype(np.float64).reshape(-1, 1, 1, 1) if len(w_dq.input) > 2 else 0.0
+        rounded_weight = (array(w_dq.input[0]).astype(np.float64) - w_zero) * w_scale
+        shift = (np.einsum("oikl,i->o", rounded_weight, rounded_mean)
+                 - np.einsum("oikl,i->o", weight, float_mean))
+        shifts[b_dq.input[0]] = np.rint(shift / array(b_dq.input[1])).astype(np.int64)
+    return shifts
+
+
+def onnx_with_outputs(model, names):
+    """A copy of ``model`` that also returns the tensors ``names`` (float)."""
+    from onnx import TensorProto, helper
+
+    probe = type(model)()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                              for n in names if n not in existing)
+    return probe
 
 
 def calibrate(q, src: Path, work: Path, calibration, input_name: str, settings: QuantizeSettings, op_types):

@@ -25,7 +25,16 @@ from typing import Callable
 import numpy as np
 
 from .errors import EdgeYoloError
-from .quantize import QuantizeSettings, calibrate_ranges, kept_nodes, layers, split_head, write_qdq
+from .quantize import (
+    QuantizeSettings,
+    apply_bias_shifts,
+    bias_shifts,
+    calibrate_ranges,
+    kept_nodes,
+    layers,
+    split_head,
+    write_qdq,
+)
 
 QDQ_BACKENDS = ("onnxruntime", "tensorrt")
 OBJECTNESS = 4  # channel of the sigmoid head's objectness
@@ -110,13 +119,22 @@ def qdq_sensitivity(onnx_path: Path, calibration, inputs: list[np.ndarray], sett
                                 if not set(kept_nodes(model, [name])) <= decode]
     macs = conv_macs(model)
     total_macs = max(sum(macs.values()), 1)
-    baseline = proxy_error(reference, run(write_qdq(onnx_path, ranges, settings)[0]))
+    all_int8 = write_qdq(onnx_path, ranges, settings)[0]
+    # bias correction (if the settings ask for it) is per layer, so measured once it holds for every variant
+    shifts = bias_shifts(all_int8, onnx_path, calibration) if settings.bias_correction else {}
+
+    def variant(extra_float=()):
+        model = write_qdq(onnx_path, ranges, settings, extra_float=extra_float)[0] if extra_float else all_int8
+        apply_bias_shifts(model, shifts)
+        return run(model)
+
+    baseline = proxy_error(reference, variant())
     if progress:
         progress(1)
     scores = []
     for name in candidates:
         nodes = kept_nodes(model, [name])
-        error = proxy_error(reference, run(write_qdq(onnx_path, ranges, settings, extra_float=nodes)[0]))
+        error = proxy_error(reference, variant(nodes))
         scores.append(LayerScore(layer=name, error=error, nodes=len(nodes),
                                  recovered=(baseline - error) / baseline if baseline > 0 else 0.0,
                                  macs_share=sum(macs.get(n, 0) for n in nodes) / total_macs))

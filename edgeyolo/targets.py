@@ -88,7 +88,7 @@ MAX_SIDE, MAX_BATCH = 4096, 64
 MAX_TARGET_BYTES = 1 << 20
 TOP_LEVEL = ("name", "description", "backend", "precision", "imgsz", "batch", "dynamic_batch", "dynamic_shape",
              "head", "opset", "calibration", "runtime")
-CALIBRATION_KEYS = ("seed", "size", "method", "percentile", "float_from_stride", "keep_float")
+CALIBRATION_KEYS = ("seed", "size", "method", "percentile", "float_from_stride", "keep_float", "bias_correction")
 MAX_KEEP_FLOAT = 256  # layer names a target may leave in float
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 
@@ -119,6 +119,7 @@ def read_target(path: Path) -> Target:
     calibration.string("method", default="mean-minmax", max_len=64)
     calibration.number("percentile", default=99.99, lo=0, hi=100)
     calibration.integer("float_from_stride", default=32, lo=0, hi=1024)
+    calibration.boolean("bias_correction", default=False)
     keep_float = calibration.raw("keep_float", [])
     if not isinstance(keep_float, list) or len(keep_float) > MAX_KEEP_FLOAT or not all(
             isinstance(name, str) and 0 < len(name) <= 200 for name in keep_float):

@@ -25,7 +25,7 @@ from edgeyolo.quantize import (
 
 ort = pytest.importorskip("onnxruntime")
 
-MAX_DROP_POINTS = 1.0  # the bound for cpu-int8 vs cpu-fp32 (mAP50-95, coco-val-500)
+MAX_DROP_POINTS = 0.95  # measured 0.88 (every stage INT8, bias correction, all of coco128); was 0.98 before
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +51,7 @@ def test_settings_from_target_and_validation():
     from edgeyolo.targets import load_target
 
     settings = QuantizeSettings.from_target(load_target("cpu-int8"))
-    assert (settings.method, settings.float_from_stride) == ("mean-minmax", 32)
+    assert (settings.method, settings.float_from_stride, settings.bias_correction) == ("mean-minmax", 0, True)
     assert settings.keep_float == ()
     assert QuantizeSettings("percentile", 99.9).describe() == "percentile 99.9"
     with pytest.raises(EdgeYoloError, match="calibration method"):
@@ -119,7 +119,7 @@ def test_body_convs_have_per_channel_int8_weights_and_the_kept_layers_are_float(
     named = set(kept_nodes(qdq_model, settings.keep_float))  # these also read float inputs (no Q/DQ around them)
     kept = set(coarse_nodes(qdq_model, settings.float_from_stride)) | named
     convs = [n for n in qdq_model.graph.node if n.op_type == "Conv"]
-    assert len(convs) == 60 and 10 < len(kept & {c.name for c in convs}) < 20
+    assert len(convs) == 60 and len(kept & {c.name for c in convs}) == 0  # every stage INT8 by default
     for conv in convs:
         if conv.name in kept:  # kept layers compute in float
             assert conv.input[1] in inits and inits[conv.input[1]].data_type == TensorProto.FLOAT, conv.name
@@ -163,6 +163,7 @@ def test_manifest_records_the_quantisation(cpu_int8_bundle, int8_calibration):
     facts = manifest["backend"]["quantization"]
     assert facts["format"] == "QDQ" and facts["weights"] == "int8 symmetric per-channel"
     assert facts["quantized_nodes"] > 100 and facts["images"] == len(int8_calibration)
+    assert facts["bias_corrected_convs"] == 60  # the default recipe corrects every convolution's bias
     assert manifest["calibration"]["method"].startswith(facts["method"])
     assert manifest["output"]["head"] == "sigmoid"
 
@@ -174,7 +175,7 @@ def test_onnxruntime_runs_it_with_integer_kernels(cpu_int8_bundle, tmp_path):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     ort.InferenceSession(str(load_bundle(cpu_int8_bundle).file("onnx")), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    assert ops.count("QLinearConv") >= 40  # every quantised convolution but the two with float outputs
+    assert ops.count("QLinearConv") >= 57  # every convolution but the three detection ones (float outputs)
 
 
 # --------------------------------------------------------------------------- the TensorRT encoding
@@ -184,8 +185,11 @@ def test_tensorrt_encoding_is_exact(qdq_model, sample_images):
 
     trt_model = onnx.ModelProto()
     trt_model.CopyFrom(qdq_model)
+    from edgeyolo.targets import load_target
+
+    stride = QuantizeSettings.from_target(load_target("cpu-int8")).float_from_stride
     quantized_convs = sum(1 for n in qdq_model.graph.node if n.op_type == "Conv") - sum(
-        1 for name in coarse_nodes(qdq_model, 32) if name.endswith("Conv"))
+        1 for name in coarse_nodes(qdq_model, stride) if name.endswith("Conv"))
     facts = to_tensorrt_encoding(trt_model)
     assert facts["folded_biases"] == quantized_convs and facts["int8_zero_points"] > 100
     inits = _initializers(trt_model)
@@ -218,9 +222,10 @@ def test_asymmetric_activations_are_refused_for_tensorrt():
 
 
 # --------------------------------------------------------------------------- accuracy
-# Measured vs cpu-fp32 on the sample images, detections scoring >= 0.5: IoU >= 0.967, scores within 0.147 when
-# calibrated on all 128 coco128 images; 0.976 and 0.130 on the edit loop's 32.
-INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.95, 0.17
+# Measured vs cpu-fp32 on the sample images, detections scoring >= 0.5 (every stage INT8, bias correction):
+# IoU >= 0.910, scores within 0.052 when calibrated on all 128 coco128 images; 0.927 and 0.055 on the edit
+# loop's 32. (The old recipe, stride-32 stage float, no bias correction: 0.967 / 0.147 and 0.976 / 0.130.)
+INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.88, 0.08
 
 
 def test_cpu_int8_matches_cpu_fp32_within_stated_tolerance(cpu_fp32_bundle, cpu_int8_bundle, images):

@@ -194,6 +194,7 @@ def test_calibration_batches_are_full_contiguous_float32(coco128_calibration):
 def test_calibration_algorithms():
     assert algorithm_for("entropy") == "entropy" and algorithm_for("minmax") == "minmax"
     assert algorithm_for("percentile 99.99") == "entropy"  # TensorRT has no percentile calibrator
+    assert algorithm_for("mean-minmax, bias correction") == "minmax"  # the Q/DQ recipe's description
     with pytest.raises(EdgeYoloError):
         algorithm_for("mse")
 

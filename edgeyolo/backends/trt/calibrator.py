@@ -20,7 +20,7 @@ ALGORITHMS = {"entropy": "entropy", "percentile": "entropy", "minmax": "minmax",
 
 
 def algorithm_for(method: str) -> str:
-    base = (method or "entropy").split()[0]
+    base = (method or "entropy").replace(",", " ").split()[0]  # "mean-minmax, bias correction" → mean-minmax
     if base not in ALGORITHMS:
         raise EdgeYoloError(f"no TensorRT calibrator for the method {method!r} (known: {', '.join(ALGORITHMS)})")
     if base == "percentile":
