@@ -61,7 +61,7 @@ def test_openvino_engine_takes_the_uint8_letterbox(ov_fp32_bundle, yolov5n_pt, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["intel-cpu-int8", "cpu-int8"])
+@pytest.mark.parametrize("target", ["intel-cpu-int8"])  # cpu-int8 keeps the float input (its graph is TensorRT's)
 def test_int8_engines_take_the_uint8_letterbox(target, yolov5n_pt, int8_calibration, tmp_path_factory, images):
     from edgeyolo.build import build_bundle
 
@@ -96,3 +96,12 @@ def test_the_float_graph_is_unchanged_behind_the_new_input(tmp_path, exported_on
     boxed = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)
     run = lambda p, x: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]  # noqa: E731
     np.testing.assert_array_equal(run(path, boxed[None]), run(source, to_input(boxed)))
+
+
+def test_cpu_int8_keeps_the_float_input_of_the_nvidia_graph(cpu_int8_bundle, cpu_fp32_bundle):
+    """cpu-int8's ONNX is the Q/DQ graph cuda-int8 / jetson-int8 compile: no nodes prepended to it."""
+    from edgeyolo.bundle import load_bundle
+
+    assert load_bundle(cpu_int8_bundle).manifest["input"].get("dtype", "float32") == "float32"
+    assert load_bundle(cpu_int8_bundle).manifest["input"]["shape"] == [1, 3, 640, 640]
+    assert load_bundle(cpu_fp32_bundle).manifest["input"]["dtype"] == "uint8"  # the other CPU targets do take it
