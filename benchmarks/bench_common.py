@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -66,6 +67,17 @@ def run_interleaved(bundles: dict[str, Path], args) -> dict[str, dict]:
         for name, detector in detectors.items():
             rounds[name].append(benchmark(detector, images, iters=args.iters, warmup=0).to_dict())
     return {name: summarise(detectors[name].info, rounds[name]) for name in detectors}
+
+
+def write_speed_report(results: dict[str, dict], path: Path) -> dict:
+    """Each bundle's FPS and its ratio to the ``fp32`` bundle of the same interleaved run, printed and saved."""
+    report = {name: {"fps": r["fps"], "ratio_to_fp32": round(r["fps"] / results["fp32"]["fps"], 3)}
+              for name, r in results.items()}
+    report["_machine"] = {"cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
+                          "note": "interleaved rounds in one process; other processes share this CPU"}
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
 
 
 def summarise(info: dict, rounds: list[dict]) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import sys
 import time
@@ -310,7 +309,7 @@ def final(args) -> None:
 def speed(args) -> None:
     """Interleaved end-to-end FPS of FP32 and the INT8 bundles of the final phase, in one process."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_common import run_interleaved
+    from bench_common import run_interleaved, write_speed_report
 
     s = Study(Path(args.out))
     bundles = {n: Path(r["bundle"]) for (p, n), r in s.done.items()
@@ -320,13 +319,7 @@ def speed(args) -> None:
         bundles[name] = Path(s.done[(phase, name)]["bundle"])
     ns = argparse.Namespace(images=str(FIXTURES / "images"), threads=None, warmup=5, rounds=args.rounds,
                             iters=args.iters)
-    results = run_interleaved(bundles, ns)
-    report = {name: {"fps": r["fps"], "ratio_to_fp32": round(r["fps"] / results["fp32"]["fps"], 3)}
-              for name, r in results.items()}
-    report["_machine"] = {"cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
-                          "note": "interleaved rounds in one process; other processes share this CPU"}
-    (Path(args.out) / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_speed_report(run_interleaved(bundles, ns), Path(args.out) / "speed.json")
 
 
 def main(argv=None) -> None:

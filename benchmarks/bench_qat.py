@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -150,7 +149,7 @@ def speed(args) -> None:
     """End-to-end FPS of each bundle of ``--set``'s eval, interleaved in one process, as a ratio to FP32."""
     import dataclasses
 
-    from bench_common import run_interleaved
+    from bench_common import run_interleaved, write_speed_report
 
     from edgeyolo.build import build_bundle, prepare_calibration
     from edgeyolo.optimize.qat.learned import learned_ranges_for
@@ -174,13 +173,7 @@ def speed(args) -> None:
                                              calibration=calibration).path
     ns = argparse.Namespace(images=str(FIXTURES / "images"), threads=None, warmup=5, rounds=args.rounds,
                             iters=args.iters)
-    results = run_interleaved(bundles, ns)
-    report = {name: {"fps": r["fps"], "ratio_to_fp32": round(r["fps"] / results["fp32"]["fps"], 3)}
-              for name, r in results.items()}
-    report["_machine"] = {"cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
-                          "note": "interleaved rounds in one process; other processes share this CPU"}
-    (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_speed_report(run_interleaved(bundles, ns), out / "speed.json")
 
 
 def read_results(out: Path) -> list[dict]:
