@@ -11,10 +11,9 @@ import numpy as np
 from ._optional import require
 from .errors import EdgeYoloError
 from .runtime.images import IMAGE_SUFFIXES
-from .schema import Fields, check_int, check_number, loads_json
+from .schema import Fields, check_int, check_number, loads_json, read_yaml_file
 
 MAX_LABEL_BYTES = 16 << 20
-MAX_YAML_BYTES = 1 << 20
 
 
 @dataclass
@@ -127,16 +126,8 @@ def read_yolo_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _data_yaml(path: Path) -> Dataset:
-    yaml = require("yaml", extra="eval", purpose="reading a data yaml")
-
-    if path.stat().st_size > MAX_YAML_BYTES:
-        raise EdgeYoloError(f"{path}: larger than {MAX_YAML_BYTES >> 20} MB; not a data yaml")
-    try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise EdgeYoloError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    except RecursionError:
-        raise EdgeYoloError(f"{path}: not valid YAML (nested too deeply)") from None
+    require("yaml", extra="eval", purpose="reading a data yaml")
+    data = read_yaml_file(path, "data yaml")
     if not isinstance(data, dict) or "val" not in data:
         raise EdgeYoloError(f"{path}: a data yaml needs a 'val' entry")
     fields = Fields(data, str(path))

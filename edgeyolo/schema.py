@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +18,26 @@ from .errors import EdgeYoloError
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 C_SCANNER_MAX_DEPTH = 200  # well inside any recursion limit and any C stack
+MAX_YAML_BYTES = 1 << 20  # a model, hyp or data yaml is a few kB
+
+
+def read_yaml_file(path: Path, what: str, invalid: str = "not valid YAML"):
+    """A user's YAML file, size-checked before it is read and parsed with ``yaml.safe_load``
+    (plain data only, never an object constructed from a tag); any failure is one clear line
+    naming ``what`` (``model yaml``, ``hyp file``, ...), ``invalid`` saying a parse failed."""
+    import yaml  # the [eval]/[train] extras bring pyyaml; plain .pt loading does not need it
+
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise EdgeYoloError(f"{path}: {what} larger than {MAX_YAML_BYTES} bytes")
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise EdgeYoloError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EdgeYoloError(f"{path}: {invalid} ({reason})") from None
+    except RecursionError:
+        raise EdgeYoloError(f"{path}: {invalid} (nested too deeply)") from None
 
 
 def loads_json(data):

@@ -278,6 +278,20 @@ def test_malformed_data_yaml(one_image_set, text, pattern):
         load_dataset(one_image_set / "data.yaml")
 
 
+@pytest.mark.parametrize("content, pattern", [
+    (b"\xff\xfe\x00train: images\n", "not valid YAML"),  # not UTF-8
+    (b"train: images\n" + b"#" * (1 << 20), "data yaml larger than"),
+    (b"[" * 100_000, "not valid YAML"),
+], ids=["not-utf8", "oversize", "deep"])
+def test_training_data_yaml_is_read_as_untrusted(tmp_path, content, pattern):
+    """``train --data`` reads its yaml through the same bounded reader as every other yaml."""
+    from edgeyolo.train.data import _yaml_splits
+
+    (tmp_path / "data.yaml").write_bytes(content)
+    with pytest.raises(EdgeYoloError, match=pattern):
+        _yaml_splits(tmp_path / "data.yaml")
+
+
 def test_label_class_beyond_the_data_yaml_names(one_image_set):
     (one_image_set / "labels" / "bus.txt").write_text("5 0.5 0.5 0.2 0.2\n")
     (one_image_set / "data.yaml").write_text("val: images\nnames: [a, b]\n")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgeYoloError
+from ..schema import read_yaml_file
 from .yolo import LAYERS, Model, parse_activation, parse_model
 
 STANDARD_MULTIPLES = {  # (depth_multiple, width_multiple) of the official v6.x models
@@ -28,7 +29,6 @@ STANDARD_MULTIPLES = {  # (depth_multiple, width_multiple) of the official v6.x 
 }
 MAX_LAYERS = 300
 MAX_PARAMS = 400_000_000  # yolov5x6 has 141 M
-MAX_FILE_BYTES = 1 << 20
 _KEYS = {"nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head", "activation", "ch", "inplace"}
 _REQUIRED = ("nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head")
 
@@ -151,23 +151,13 @@ def read_cfg(spec: str | Path | dict) -> dict:
     """A model description from a dict, a standard name (``yolov5s`` / ``yolov5s.yaml``) or a yaml file."""
     if isinstance(spec, dict):
         return validate_architecture(spec)
-    import yaml
-
     path = Path(spec).expanduser()
     name = path.name.removesuffix(".yaml").removesuffix(".yml")
     if not path.exists() and name in STANDARD_MULTIPLES and str(spec) in (name, path.name):
         return standard_cfg(name)
-    try:
-        if not path.is_file():
-            raise EdgeYoloError(f"{spec}: no such model yaml (or a standard name: {', '.join(STANDARD_MULTIPLES)})")
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise EdgeYoloError(f"{path}: model yaml larger than {MAX_FILE_BYTES} bytes")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise EdgeYoloError(f"{path}: cannot read model yaml ({exc.strerror or exc})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise EdgeYoloError(f"{path}: not valid YAML ({reason})") from None
+    if not path.is_file():
+        raise EdgeYoloError(f"{spec}: no such model yaml (or a standard name: {', '.join(STANDARD_MULTIPLES)})")
+    data = read_yaml_file(path, "model yaml")
     return validate_architecture(data, str(path))
 
 

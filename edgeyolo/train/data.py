@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..datasets import Dataset, _label_path, _yolo_folder, load_dataset
 from ..errors import EdgeYoloError
 from ..runtime.images import read_image
+from ..schema import read_yaml_file
 from .augment import Augmenter
 
 
@@ -64,12 +65,7 @@ def load_train_data(spec: str | Path, val_spec: str | Path | None = None, val_sp
 
 def _yaml_splits(path: Path) -> tuple[Dataset, dict[str, Dataset]]:
     """A YOLOv5 data yaml's ``train`` (required) and ``val`` (optional) image folders."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EdgeYoloError(f"{path}: not valid YAML ({exc})") from None
+    data = read_yaml_file(path, "data yaml")
     if not isinstance(data, dict) or not data.get("train"):
         raise EdgeYoloError(f"{path}: a data yaml for training needs a 'train' entry")
     base = Path(data.get("path") or path.parent)

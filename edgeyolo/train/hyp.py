@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import EdgeYoloError
+from ..schema import read_yaml_file
 
 IOU_TYPES = ("giou", "diou", "ciou")
 
@@ -50,9 +51,6 @@ RANGES: dict[str, tuple[float, float]] = {
     **{key: (0.0, 1.0) for key in _PROBABILITIES},
 }
 
-_MAX_FILE_BYTES = 1 << 20
-
-
 def _read_defaults() -> dict[str, Any]:
     text = resources.files(__package__).joinpath("hyp_default.yaml").read_text(encoding="utf-8")
     values = yaml.safe_load(text)
@@ -84,15 +82,7 @@ def validate_value(key: str, value: Any) -> Any:
 def read_hyp_file(path: str | Path) -> dict[str, Any]:
     """The key/value mapping of a hyp YAML file, as raw (unvalidated) values."""
     path = Path(path)
-    try:
-        if path.stat().st_size > _MAX_FILE_BYTES:
-            raise EdgeYoloError(f"{path}: hyp file larger than {_MAX_FILE_BYTES} bytes")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise EdgeYoloError(f"{path}: cannot read hyp file ({exc.strerror or exc})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise EdgeYoloError(f"{path}: not a valid YAML hyp file ({reason})") from None
+    data = read_yaml_file(path, "hyp file", invalid="not a valid YAML hyp file")
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
