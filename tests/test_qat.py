@@ -96,6 +96,39 @@ def test_fake_quant_graph_computes_what_onnxruntime_runs(yolov5n_pt, tmp_path):
     assert np.abs(mine - ref_q).mean() < quant_error / 10
 
 
+def test_fake_quant_graph_starts_from_the_bias_corrected_graph(yolov5n_pt, tmp_path):
+    """With the PTQ bias shifts applied, the torch graph computes ORT's bias-corrected Q/DQ graph."""
+    import copy
+
+    from edgeyolo.optimize.qat.graph import QdqGraph
+    from edgeyolo.quantize import apply_bias_shifts, bias_shifts
+
+    float_model, qdq = _graphs(yolov5n_pt, tmp_path)
+
+    class Calib:
+        def __len__(self):
+            return 2
+
+        def batches(self, layout="NCHW", batch_size=1):
+            rng = np.random.default_rng(0)
+            for _ in range(2):
+                yield rng.random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+
+    shifts = bias_shifts(qdq, tmp_path / "f.onnx", Calib())
+    corrected = copy.deepcopy(qdq)
+    assert apply_bias_shifts(corrected, shifts) > 10 and any(np.any(v) for v in shifts.values())
+    graph = QdqGraph(qdq, float_model)
+    assert graph.shift_biases(qdq, shifts) == len(shifts)
+    x = np.random.default_rng(1).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), options).run(None, {"images": x})[0]  # noqa: E731
+    ref_corrected, ref_plain = run(corrected), run(qdq)
+    with torch.no_grad():
+        mine = graph(torch.from_numpy(x))["output0"].numpy()
+    assert np.abs(mine - ref_corrected).mean() < np.abs(ref_plain - ref_corrected).mean() / 5
+
+
 def test_qat_checkpoint_records_learned_scales_and_writes_qdq(qat_run, qat_checkpoint):
     import onnx
     from onnx import numpy_helper
@@ -106,6 +139,7 @@ def test_qat_checkpoint_records_learned_scales_and_writes_qdq(qat_run, qat_check
     qat = loaded.description["meta"]["qat"]
     assert qat["format"] == "edgeyolo-qat" and qat["training"]["steps"] == 2
     assert qat["settings"]["float_from_stride"] == 0
+    assert qat["bias_corrected_convs"] > 10  # cpu-int8's recipe: training starts from the bias-corrected graph
     assert Path(qat["teacher"]["weights"]).is_file()
     qdq = onnx.load(str(qat_run / "model.qdq.onnx"))
     ops = {n.op_type for n in qdq.graph.node}

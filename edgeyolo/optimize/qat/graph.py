@@ -150,6 +150,28 @@ class QdqGraph(nn.Module):
         values[name] = value
         return value
 
+    def shift_biases(self, qdq, shifts: dict) -> int:
+        """Move int32 biases by ``shifts`` (``quantize.bias_shifts``: initializer name → steps) of their scale in ``qdq``.
+
+        So training starts from the bias-corrected PTQ graph a build writes, not the uncorrected one.
+        ``qdq`` may be written at another input size: the ranges, hence the bias scales, are the same.
+        """
+        consts = {i.name: i for i in qdq.graph.initializer}
+        moved = 0
+        for node in qdq.graph.node:
+            stored = node.input[0] if node.op_type == "DequantizeLinear" else None
+            if stored not in shifts or not stored.endswith(QUANTIZED_SUFFIX):
+                continue
+            key = _key(stored[:-len(QUANTIZED_SUFFIX)])
+            if key not in self.weights:
+                raise EdgeYoloError(f"QAT: bias correction names {stored}, which this graph does not have")
+            scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float64)
+            delta = torch.from_numpy((np.asarray(shifts[stored], dtype=np.float64) * scale).astype(np.float32))
+            with torch.no_grad():
+                self.weights[key] -= delta
+            moved += 1
+        return moved
+
     # ------------------------------------------------------------------ results
     def float_weights(self) -> dict[str, torch.Tensor]:
         """The trained float weights and biases by ONNX initializer name."""

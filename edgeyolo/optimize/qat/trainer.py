@@ -134,6 +134,7 @@ class QatRun:
         self.ranges = {name: [float(np.max(v)) if i else float(np.min(v)) for i, v in enumerate(data.range_value)]
                        for name, data in ranges.data.items()}
         self.student = QdqGraph(qdq, float_model, learn_scales=c.learn_scales)
+        self.bias_corrected = self._correct_biases(qdq, calib_path, float_path, ranges) if self.settings.bias_correction else 0
         self.teacher = QdqGraph(float_model, float_model, trainable=False).eval()
         head = split_head(float_model)
         convs = {n.name: n for n in float_model.graph.node if n.name in head.convs}
@@ -141,6 +142,17 @@ class QatRun:
         self.features = [convs[name].input[0] for name in head.convs]
         self.na = len(self.checkpoint.model.detect.anchors[0])
         self.loss = QatLoss(self.head_outputs, self.features, self.na, c.gains)
+
+    def _correct_biases(self, qdq, calib_path: Path, float_path: Path, ranges) -> int:
+        """Start from the bias-corrected PTQ graph the target builds (shifts measured at the calibration size)."""
+        import onnx
+
+        from ...quantize import bias_shifts, kept_nodes, write_qdq
+
+        if calib_path != float_path:  # the shifts are measured on the graph at the calibration images' size
+            qdq, _ = write_qdq(calib_path, ranges, self.settings,
+                               extra_float=kept_nodes(onnx.load(str(calib_path)), self.settings.keep_float))
+        return self.student.shift_biases(qdq, bias_shifts(qdq, calib_path, self.calibration))
 
     # ------------------------------------------------------------------ train
     def batches(self, epoch: int):
@@ -208,6 +220,7 @@ class QatRun:
         return {
             "teacher": self.teacher_record,
             "target": self.target.name,
+            "bias_corrected_convs": self.bias_corrected,
             "settings": {"method": self.settings.method, "percentile": self.settings.percentile,
                          "float_from_stride": self.settings.float_from_stride,
                          "keep_float": list(self.settings.keep_float)},
