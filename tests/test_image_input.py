@@ -61,14 +61,10 @@ def test_openvino_engine_takes_the_uint8_letterbox(ov_fp32_bundle, yolov5n_pt, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["intel-cpu-int8"])  # cpu-int8 keeps the float input (its graph is TensorRT's)
-def test_int8_engines_take_the_uint8_letterbox(target, yolov5n_pt, int8_calibration, tmp_path_factory, images):
-    from edgeyolo.build import build_bundle
-
-    image_bundle = build_bundle(yolov5n_pt, target, tmp_path_factory.mktemp("bundles") / target,
-                                calibration=int8_calibration).path
-    float_bundle = _host_preprocessing_twin(yolov5n_pt, target, tmp_path_factory, int8_calibration)
-    _assert_same_detections(image_bundle, float_bundle, images)
+def test_int8_engine_takes_the_uint8_letterbox(ov_int8_bundle, yolov5n_pt, int8_calibration, tmp_path_factory, images):
+    """intel-cpu-int8 (the shared bundle); cpu-int8 keeps the float input (its graph is TensorRT's, below)."""
+    float_bundle = _host_preprocessing_twin(yolov5n_pt, "intel-cpu-int8", tmp_path_factory, int8_calibration)
+    _assert_same_detections(ov_int8_bundle, float_bundle, images)
 
 
 def test_unknown_engine_inputs_are_refused_in_one_line():
