@@ -286,3 +286,29 @@ def test_jetson_int8_bundle_holds_the_learned_qdq_graph(qat_checkpoint, tmp_path
     graph = onnx.load(str(out / manifest["backend"]["files"]["onnx"]))
     written = {i.name: float(numpy_helper.to_array(i)) for i in graph.graph.initializer if i.name in scales}
     assert written == pytest.approx(scales, rel=1e-6) and len(written) == len(scales)
+
+
+def test_qat_on_cuda_says_so_without_a_gpu(yolov5n_pt, coco128, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeyolo.cli import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present (test_qat_trains_on_cuda covers it)")
+    result = CliRunner().invoke(cli, ["qat", str(yolov5n_pt), "--data", str(coco128), "--calib", str(coco128),
+                                      "-o", str(tmp_path / "run"), "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qat_trains_on_cuda_and_saves_a_cpu_checkpoint(yolov5n_pt, coco128, tmp_path):
+    from edgeyolo.model import load_model
+    from edgeyolo.optimize.qat.trainer import QatConfig, QatRun
+
+    config = QatConfig(weights=str(yolov5n_pt), data=str(coco128 / "images"), calib=str(coco128 / "images"),
+                       out=str(tmp_path / "run"), imgsz=IMGSZ, batch=2, limit=4, calib_size=4, float_from_stride=0,
+                       save_every=0, device="cuda")
+    path = QatRun(config).run()
+    qat = load_model(path).description["meta"]["qat"]
+    assert qat["training"]["device"].startswith("cuda") and qat["training"]["steps"] == 2

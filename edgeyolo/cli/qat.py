@@ -30,10 +30,12 @@ from .common import cli, err, progress_bar
               help="Override the target's float stage (0: every stage INT8).")
 @click.option("--keep-float", help="Override the target's float layers: none or names (model.0,model.2).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the fake-quantised graph trains (a GPU makes an epoch take minutes).")
 @click.option("--save-every", type=click.IntRange(min=0), default=25, show_default=True,
               help="Steps between checkpoints (0: at the end only).")
 def qat(weights, data, calib, out, target_name, epochs, imgsz, calib_imgsz, batch, lr, scale_lr, fixed_scales, limit, calib_size,
-        float_from_stride, keep_float, seed, save_every):
+        float_from_stride, keep_float, seed, device, save_every):
     """Fine-tune WEIGHTS with fake quantisation matching the deployed INT8 graph, distilled from the FP32 model.
 
     Writes RUN/qat.safetensors (build it with `edgeyolo build RUN/qat.safetensors --target cpu-int8`:
@@ -48,7 +50,7 @@ def qat(weights, data, calib, out, target_name, epochs, imgsz, calib_imgsz, batc
                        calib_imgsz=calib_imgsz,
                        epochs=epochs, batch=batch, lr=lr, scale_lr=scale_lr, learn_scales=not fixed_scales,
                        limit=limit, calib_size=calib_size, seed=seed, float_from_stride=float_from_stride,
-                       keep_float=kept, save_every=save_every)
+                       keep_float=kept, save_every=save_every, device=device)
     with _Progress() as progress:
         path = QatRun(config, progress=progress).run()
     err.print(f"QAT checkpoint saved to {path}; build it with: edgeyolo build {path} --target {target_name}",

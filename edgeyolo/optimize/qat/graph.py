@@ -49,7 +49,7 @@ class QdqGraph(nn.Module):
         floats = {i.name: numpy_helper.to_array(i) for i in float_model.graph.initializer}
         self.weights = nn.ParameterDict()
         self.quantizers = nn.ModuleDict()
-        self.constants: dict[str, torch.Tensor] = {}
+        self.constants: dict[str, str] = {}  # initializer name → buffer name (buffers follow .to(device))
         self.weight_dq: dict[str, str] = {}  # DQ output → float weight name (fake-quantised per channel)
         self.float_of: dict[str, str] = {}  # tensor → float weight / bias name (used as it is)
         self.q_scale: dict[str, str] = {}  # Q output → scale initializer name
@@ -76,7 +76,8 @@ class QdqGraph(nn.Module):
                 self.float_of[name] = name
         for name, value in consts.items():
             if name not in self.float_of and value.dtype != np.int8:
-                self.constants[name] = torch.from_numpy(np.array(value))
+                self.constants[name] = f"const_{len(self.constants)}"
+                self.register_buffer(self.constants[name], torch.from_numpy(np.array(value)), persistent=False)
         for p in self.weights.values():
             p.requires_grad_(trainable)
         self._dq_source = {n.output[0]: n.input[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
@@ -123,7 +124,7 @@ class QdqGraph(nn.Module):
         out = {}
         for node in self.nodes:
             inputs = [self._value(name, values) if name else None for name in node.input]
-            values[node.output[0]] = run_op(node, inputs, images.shape[0])
+            values[node.output[0]] = run_op(node, inputs, images.shape[0], images.device)
         for name in (*self.output_names, *capture):
             out[name] = values[name]
         return out
@@ -141,7 +142,7 @@ class QdqGraph(nn.Module):
         elif name in self.float_of:
             value = self.weights[_key(self.float_of[name])]
         elif name in self.constants:
-            return self.constants[name]
+            return getattr(self, self.constants[name])
         elif name in self._dq_source and self._dq_source[name] in self.q_scale:  # DQ(Q(x))
             q_out = self._dq_source[name]
             value = self.quantizers[_key(self.q_scale[q_out])](self._value(self.q_input[q_out], values))
@@ -168,14 +169,14 @@ class QdqGraph(nn.Module):
             scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float64)
             delta = torch.from_numpy((np.asarray(shifts[stored], dtype=np.float64) * scale).astype(np.float32))
             with torch.no_grad():
-                self.weights[key] -= delta
+                self.weights[key] -= delta.to(self.weights[key].device)
             moved += 1
         return moved
 
     # ------------------------------------------------------------------ results
     def float_weights(self) -> dict[str, torch.Tensor]:
         """The trained float weights and biases by ONNX initializer name."""
-        return {name.replace("·", "."): p.detach().clone() for name, p in self.weights.items()}
+        return {name.replace("·", "."): p.detach().cpu().clone() for name, p in self.weights.items()}
 
     def scales(self) -> dict[str, float]:
         """The activation scales by scale-initializer name."""
@@ -185,7 +186,7 @@ class QdqGraph(nn.Module):
         return [q.log_gain for q in self.quantizers.values() if q.log_gain.requires_grad]
 
 
-def run_op(node, x: list, batch: int) -> torch.Tensor:
+def run_op(node, x: list, batch: int, device: torch.device | None = None) -> torch.Tensor:
     """One ONNX node of an exported YOLOv5 (batch taken from the data: the export's batch is 1)."""
     op = node.op_type
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -219,5 +220,5 @@ def run_op(node, x: list, batch: int) -> torch.Tensor:
     if op == "Transpose":
         return x[0].permute(*attrs["perm"])
     if op == "Constant":
-        return torch.from_numpy(np.array(numpy_helper.to_array(attrs["value"])))
+        return torch.from_numpy(np.array(numpy_helper.to_array(attrs["value"]))).to(device)
     raise EdgeYoloError(f"QAT: ONNX op {op} ({node.name}) is not supported by the QAT graph")

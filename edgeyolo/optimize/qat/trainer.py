@@ -56,6 +56,7 @@ class QatConfig:
     float_from_stride: int | None = None
     keep_float: tuple[str, ...] | None = None
     save_every: int = 25  # steps between checkpoints
+    device: str = "auto"  # cpu | cuda | auto (the training engine's select_device)
     gains: DistillGains = field(default_factory=DistillGains)
 
 
@@ -90,6 +91,9 @@ class QatRun:
         if target.backend not in QDQ_BACKENDS:
             raise EdgeYoloError(f"target {target.name} ({target.backend}) cannot take learned ranges: its converter "
                                 f"quantises on its own; train for cpu-int8 and build {target.name} with PTQ")
+        from ...train.trainer import select_device
+
+        self.device = select_device(c.device)
         base = QuantizeSettings.from_target(target)
         self.settings = dc.replace(
             base, **{k: v for k, v in (("method", c.method), ("float_from_stride", c.float_from_stride),
@@ -141,6 +145,8 @@ class QatRun:
         self.head_outputs = [convs[name].output[0] for name in head.convs]
         self.features = [convs[name].input[0] for name in head.convs]
         self.na = len(self.checkpoint.model.detect.anchors[0])
+        self.student.to(self.device)
+        self.teacher.to(self.device)
         self.loss = QatLoss(self.head_outputs, self.features, self.na, c.gains)
 
     def _correct_biases(self, qdq, calib_path: Path, float_path: Path, ranges) -> int:
@@ -191,6 +197,7 @@ class QatRun:
         self.student.train()
         for epoch in range(c.epochs):
             for images in self.batches(epoch):
+                images = images.to(self.device, non_blocking=True)
                 capture = (*self.head_outputs, *self.features)
                 with torch.no_grad():
                     teacher = self.teacher(images, capture)
@@ -229,6 +236,7 @@ class QatRun:
             "training": {"data": str(c.data), "images": len(self.images), "epochs": c.epochs, "batch": c.batch,
                          "steps": self.step, "lr": c.lr, "scale_lr": c.scale_lr, "learn_scales": c.learn_scales,
                          "imgsz": c.imgsz, "calib_imgsz": c.calib_imgsz or c.imgsz, "seed": c.seed, "gains": dc.asdict(c.gains),
+                         "device": str(self.device),
                          "final_loss": float(np.mean([h["loss"] for h in recent])) if recent else 0.0},
             "ranges": self.ranges,
             "scales": self.student.scales(),
