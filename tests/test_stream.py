@@ -100,6 +100,9 @@ def test_openvino_holds_one_compiled_model_across_detect_and_stream(ov_int8_bund
     again = [detector.detect(frame) for frame in frames]  # recompiled on demand, same results
     assert list(detector.engine._compiled) == [detector.engine.hint]
     assert all(same(a, b) for a, b in zip(serial, again))
+    one_at_a_time = list(detector.stream(frames, depth=1))  # nothing to overlap: detect()'s model, kept
+    assert list(detector.engine._compiled) == [detector.engine.hint]
+    assert all(same(a, b) for a, b in zip(serial, one_at_a_time))
 
 
 def test_early_stop_leaves_no_thread(cpu_fp32_bundle, frames):

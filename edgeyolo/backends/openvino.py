@@ -262,8 +262,12 @@ class Engine:
             pool.put(request)  # a pool whose model was dropped meanwhile goes with it
 
     def async_queue(self, depth: int) -> "RequestRing":
-        """A ring of ``depth`` infer requests on the model compiled with ``STREAM_HINT``."""
-        return RequestRing(self.compiled_for(STREAM_HINT), depth)
+        """A ring of ``depth`` infer requests on the model compiled with ``STREAM_HINT``.
+
+        ``depth=1`` overlaps nothing (one frame at a time, as ``detect()``), so it runs on
+        ``detect()``'s model: one single-threaded stream of the THROUGHPUT model would leave a core idle.
+        """
+        return RequestRing(self.compiled_for(STREAM_HINT if depth > 1 else self.hint), depth)
 
 
 class RequestRing:
