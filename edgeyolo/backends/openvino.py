@@ -37,12 +37,13 @@ HINTS = ("LATENCY", "THROUGHPUT")
 PRESETS = ("performance", "mixed")
 # NNCF's ways to turn observed activations into INT8 ranges (RangeEstimatorParametersSet)
 PRECISIONS = ("f32", "bf16", "f16", "auto")
-UINT8_OPTION = "uint8_input"
-# The stream's compiled model. THROUGHPUT (here 2 streams x 1 thread) spends ~15 ms of CPU per
-# intel-cpu-int8 frame where LATENCY (1 stream x 2 threads, synchronising every layer) spends
-# ~18.5 ms (CPU time per inference, measured here: docs/runtime.md), so two frames inferring
-# side by side beat one frame on both cores once the host work overlaps them.
-STREAM_HINT = "THROUGHPUT"  # the engine takes the BGR uint8 letterbox (backends.image_input)
+UINT8_OPTION = "uint8_input"  # the engine takes the BGR uint8 letterbox (backends.image_input)
+# The stream's compiled model, for every precision. THROUGHPUT (here 2 streams x 1 thread)
+# spends 15 ms of CPU per intel-cpu-int8 inference where LATENCY (1 stream x 2 threads, which
+# synchronise at every layer) spends 19 ms; bf16 21 vs 27, fp32 34 vs 43 ms
+# (benchmarks/bench_ov_hints.py, docs/runtime.md): two frames inferring side by side beat one
+# frame on both cores once the host work overlaps them.
+STREAM_HINT = "THROUGHPUT"
 RANGES = ("histogram", "minmax", "mean_minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile")
 
 
