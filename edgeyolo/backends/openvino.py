@@ -285,9 +285,11 @@ class RequestRing:
     def __init__(self, compiled, depth: int):
         self.requests = [compiled.create_infer_request() for _ in range(depth)]
         self.started = [False] * depth
+        self.inputs: list = [None] * depth  # each slot's batch, alive while its request may read it
         self.streams = int(compiled.get_property("NUM_STREAMS"))
 
     def submit(self, batch: np.ndarray, slot: int) -> "SlotResult":
+        self.inputs[slot] = batch
         self.requests[slot].start_async({0: batch}, share_inputs=True)
         self.started[slot] = True
         return SlotResult(self, slot)
