@@ -57,7 +57,7 @@ class SpyQueues:
             queue = make(depth)
             submit, close = queue.submit, queue.close
             self.opened += 1
-            queue.submit = lambda batch: self.futures.append(submit(batch)) or self.futures[-1]
+            queue.submit = lambda batch, slot: self.futures.append(submit(batch, slot)) or self.futures[-1]
             queue.close = lambda: (close(), setattr(self, "closed", self.closed + 1))
             return queue
 
@@ -73,6 +73,7 @@ def test_openvino_streams_on_its_async_queue_and_stops_cleanly(ov_fp32_bundle, f
         next(results)
     assert spy.opened == 1 and len(spy.futures) == 6  # 4 yielded, 2 in flight (depth - 1 while suspended)
     assert list(detector.engine._compiled) == ["THROUGHPUT"]  # detect()'s LATENCY model never compiled
+    assert [f.slot for f in spy.futures] == [0, 1, 2, 0, 1, 2]  # the ring's requests in turn
     results.close()
     assert spy.closed == 1 and all(f.done() for f in spy.futures)  # every request waited for
     assert stream_threads() == []
@@ -84,6 +85,24 @@ def test_openvino_streams_on_its_async_queue_and_stops_cleanly(ov_fp32_bundle, f
     with pytest.raises(EdgeYoloError):
         list(detector.stream(frames_then_garbage(), depth=3))
     assert spy.closed == 2 and all(f.done() for f in spy.futures)
+
+
+def test_openvino_holds_one_compiled_model_across_detect_and_stream(ov_int8_bundle, frames):
+    pytest.importorskip("nncf")
+    from edgeyolo.backends.openvino import STREAM_HINT
+
+    detector = load(ov_int8_bundle)
+    serial = [detector.detect(frame) for frame in frames]
+    assert list(detector.engine._compiled) == [detector.engine.hint]
+    streamed = list(detector.stream(frames, depth=2))
+    assert list(detector.engine._compiled) == [STREAM_HINT]  # detect()'s model dropped, not kept beside it
+    assert all(same(a, b) for a, b in zip(serial, streamed)) and len(streamed) == len(frames)
+    again = [detector.detect(frame) for frame in frames]  # recompiled on demand, same results
+    assert list(detector.engine._compiled) == [detector.engine.hint]
+    assert all(same(a, b) for a, b in zip(serial, again))
+    one_at_a_time = list(detector.stream(frames, depth=1))  # nothing to overlap: detect()'s model, kept
+    assert list(detector.engine._compiled) == [detector.engine.hint]
+    assert all(same(a, b) for a, b in zip(serial, one_at_a_time))
 
 
 def test_early_stop_leaves_no_thread(cpu_fp32_bundle, frames):
@@ -142,7 +161,7 @@ class FakeQueue:
 
         self.pool, self.closed = ThreadPoolExecutor(3, thread_name_prefix="fake-engine"), False
 
-    def submit(self, batch):
+    def submit(self, batch, slot):
         return self.pool.submit(lambda: (time.sleep(random.Random(batch).uniform(0, 0.004)), batch * 10)[1])
 
     def close(self):
@@ -163,14 +182,26 @@ def test_ordered_async_keeps_order_and_bounds_what_is_in_flight():
         queues.append(FakeQueue())
         return queues[-1]
 
+    slot_owner = {}  # slot -> the item using it, until that item is finished
+
+    def prepare(i, slot):
+        assert 0 <= slot < depth and slot not in slot_owner, f"item {i} took slot {slot} still in use"
+        slot_owner[slot] = i
+        return i, (f"ctx{i}", slot)
+
+    def finish(raw, ctx):
+        name, slot = ctx
+        del slot_owner[slot]
+        return raw, name
+
     out = []
-    for value in ordered_async(lambda i: (i, f"ctx{i}"), open_queue, lambda raw, ctx: (raw, ctx), source(), depth):
+    for value in ordered_async(prepare, open_queue, finish, source(), depth):
         done[0] += 1
         out.append(value)
     assert out == [(i * 10, f"ctx{i}") for i in range(40)]
     assert len(queues) == 1 and queues[0].closed
 
-    unstarted = ordered_async(lambda i: (i, None), open_queue, lambda raw, ctx: raw, range(3), depth)
+    unstarted = ordered_async(lambda i, slot: (i, None), open_queue, lambda raw, ctx: raw, range(3), depth)
     unstarted.close()
     assert len(queues) == 1  # a generator never started opens no queue
 
@@ -287,3 +318,10 @@ def test_cli_detect_on_a_video_is_pipelined_and_identical(ov_fp32_bundle, images
     assert [f["frame"] for f in runs[3]] == list(range(6)) and runs[1] == runs[3]
     assert any(f["detections"] for f in runs[3])
     assert stream_threads() == []
+
+
+def test_onnxruntime_runs_without_the_memory_pattern(cpu_fp32_bundle, frames):
+    """Concurrent runs would each take a whole memory-pattern block from the arena (see session_options)."""
+    detector = load(cpu_fp32_bundle)
+    assert detector.engine.session.get_session_options().enable_mem_pattern is False
+    assert len(list(detector.stream(frames[:4], depth=3))) == 4

@@ -12,8 +12,8 @@ The bundle holds an OpenVINO IR (``model.xml`` + ``model.bin``). Target options 
   one its own machine would use in the manifest (``backend.inference_precision``).
 
 ``detect()`` runs on the model compiled with the target's hint (LATENCY: one frame, every core).
-``Detector.stream`` uses ``Engine.async_queue``: the same IR compiled a second time (lazily)
-with the THROUGHPUT hint, several streams fed by OpenVINO's ``AsyncInferQueue``.
+``Detector.stream`` uses ``Engine.async_queue``: a ring of infer requests on the model compiled
+with ``STREAM_HINT``. The engine holds one compiled model at a time (see ``Engine``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import os
 import queue
 import re
 import threading
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,12 @@ PRESETS = ("performance", "mixed")
 # NNCF's ways to turn observed activations into INT8 ranges (RangeEstimatorParametersSet)
 PRECISIONS = ("f32", "bf16", "f16", "auto")
 UINT8_OPTION = "uint8_input"  # the engine takes the BGR uint8 letterbox (backends.image_input)
+# The stream's compiled model, for every precision. THROUGHPUT (here 2 streams x 1 thread)
+# spends 15 ms of CPU per intel-cpu-int8 inference where LATENCY (1 stream x 2 threads, which
+# synchronise at every layer) spends 19 ms; bf16 21 vs 27, fp32 34 vs 43 ms
+# (benchmarks/bench_ov_hints.py, docs/runtime.md): two frames inferring side by side beat one
+# frame on both cores once the host work overlaps them.
+STREAM_HINT = "THROUGHPUT"
 RANGES = ("histogram", "minmax", "mean_minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile")
 
 
@@ -194,9 +199,12 @@ class Engine:
     up concurrent calls. Each call borrows a request from a pool (made on first need, so there
     are as many as threads ever ran at once) and returns it; one thread reuses one request.
 
-    The model is compiled per performance hint on first need: ``detect()`` compiles the
-    target's (LATENCY), ``stream`` the THROUGHPUT one. A process that only streams (a folder,
-    a camera, ``bench --mode throughput``) so holds one compiled model, not two (~100 MB).
+    The model is compiled on first need with the hint the caller needs: ``detect()`` the
+    target's (LATENCY), ``stream`` ``STREAM_HINT``. Only one compiled model is held at a time:
+    compiling the other drops it (with its pooled requests) and frees ~40 MB of RSS (a second
+    compiled model with its streams' buffers: 240 MB instead of 198 MB peak for an
+    ``intel-cpu-int8`` stream after one ``detect()``). A process that switches between
+    ``detect()`` and ``stream`` pays a recompile (~0.5 s) at each switch.
     """
 
     def __init__(self, bundle, threads: int | None = None, performance_hint: str | None = None, **_):
@@ -209,16 +217,21 @@ class Engine:
         self.model = self.core.read_model(str(bundle.file("engine")), str(bundle.file("weights")))
         self._properties = lambda hint: compile_properties(opts, self.threads, hint, self.core)
         self._properties(self.hint)  # a bad hint or precision fails here, at load
-        self._compiled, self._compile_lock = {}, threading.Lock()
-        self._requests = queue.LifoQueue()
+        self._compiled: dict = {}  # hint -> (compiled model, its pool of idle requests); one entry at most
+        self._compile_lock = threading.Lock()
         self._version = ov.__version__
+
+    def _compiled_with_pool(self, hint: str):
+        with self._compile_lock:
+            if hint not in self._compiled:
+                self._compiled.clear()  # drop the other hint's model first: never two in memory
+                self._compiled[hint] = (self.core.compile_model(self.model, DEVICE, self._properties(hint)),
+                                        queue.LifoQueue())
+            return self._compiled[hint]
 
     def compiled_for(self, hint: str):
         """The model compiled with this performance hint (LATENCY or THROUGHPUT), compiled once."""
-        with self._compile_lock:
-            if hint not in self._compiled:
-                self._compiled[hint] = self.core.compile_model(self.model, DEVICE, self._properties(hint))
-            return self._compiled[hint]
+        return self._compiled_with_pool(hint)[0]
 
     @property
     def compiled(self):
@@ -226,8 +239,9 @@ class Engine:
 
     @property
     def info(self) -> dict:
-        """The compiled model's facts: the ``detect()`` one, or the stream's where only that was compiled."""
-        compiled = self._compiled.get(self.hint) or self._compiled.get("THROUGHPUT") or self.compiled
+        """The compiled model's facts: the one held now, else ``detect()``'s (compiled for this)."""
+        held = next(iter(self._compiled.values()), None)
+        compiled = held[0] if held else self.compiled
         return {
             "backend": NAME, "version": self._version, "device": DEVICE,
             "performance_hint": str(compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
@@ -237,47 +251,73 @@ class Engine:
         }
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        compiled, pool = self._compiled_with_pool(self.hint)
         try:
-            request = self._requests.get_nowait()
+            request = pool.get_nowait()
         except queue.Empty:
-            request = self.compiled.create_infer_request()
+            request = compiled.create_infer_request()
         try:
             # share_inputs avoids one copy of the input; outputs are copied so a result outlives the next call.
             return request.infer({0: batch}, share_inputs=True, share_outputs=False)[0]
         finally:
-            self._requests.put(request)
+            pool.put(request)  # a pool whose model was dropped meanwhile goes with it
 
-    def async_queue(self, depth: int) -> "AsyncQueue":
-        """A queue of ``depth`` asynchronous requests on the THROUGHPUT-compiled model."""
-        return AsyncQueue(self.compiled_for("THROUGHPUT"), depth)
+    def async_queue(self, depth: int) -> "RequestRing":
+        """A ring of ``depth`` infer requests on the model compiled with ``STREAM_HINT``.
+
+        ``depth=1`` overlaps nothing (one frame at a time, as ``detect()``), so it runs on
+        ``detect()``'s model: one single-threaded stream of the THROUGHPUT model would leave a core idle.
+        """
+        return RequestRing(self.compiled_for(STREAM_HINT if depth > 1 else self.hint), depth)
 
 
-class AsyncQueue:
-    """OpenVINO's ``AsyncInferQueue`` behind futures: ``submit(batch)`` returns at once, the future gets the output.
+class RequestRing:
+    """``depth`` infer requests used in turn: slot ``i`` takes frames ``i``, ``i + depth``, ...
 
-    The request's callback (an OpenVINO thread) only copies the output out; the caller's thread
-    is free for other frames' host work meanwhile. ``close()`` waits for every request, so no
-    callback runs after it returns.
+    ``submit(batch, slot)`` starts the slot's request and returns at once; ``result()`` waits
+    for it (the GIL released) and gives the request's own output tensor, not a copy (8.5 MB
+    per 640x640 frame, ~1-2 ms to copy here). Input and output stay the caller's until it
+    submits to that slot again: the batch is not copied either (``share_inputs``), so each
+    slot needs its own input buffer. No callback runs in OpenVINO's threads, so no Python
+    work competes with inference for the GIL. ``close()`` waits for every request started.
     """
 
     def __init__(self, compiled, depth: int):
-        ov = require("openvino", NAME)
-        self.queue = ov.AsyncInferQueue(compiled, depth)
-        self.queue.set_callback(self._done)
+        self.requests = [compiled.create_infer_request() for _ in range(depth)]
+        self.started = [False] * depth
+        self.inputs: list = [None] * depth  # each slot's batch, alive while its request may read it
         self.streams = int(compiled.get_property("NUM_STREAMS"))
 
-    @staticmethod
-    def _done(request, future: Future) -> None:
-        try:
-            future.set_result(request.get_output_tensor(0).data.copy())
-        except Exception as exc:  # surfaces in the consumer's future.result(), not in OpenVINO's thread
-            future.set_exception(exc)
+    def submit(self, batch: np.ndarray, slot: int) -> "SlotResult":
+        self.inputs[slot] = batch
+        self.requests[slot].start_async({0: batch}, share_inputs=True)
+        self.started[slot] = True
+        return SlotResult(self, slot)
 
-    def submit(self, batch: np.ndarray) -> Future:
-        future: Future = Future()
-        # the input is copied into the request's own tensor: the caller may reuse its buffer at once
-        self.queue.start_async({0: batch}, future, share_inputs=False)
-        return future
+    def wait(self, slot: int) -> np.ndarray:
+        request = self.requests[slot]
+        request.wait()  # raises here, in the consumer's thread, when the inference failed
+        self.started[slot] = False
+        return request.get_output_tensor(0).data
 
     def close(self) -> None:
-        self.queue.wait_all()
+        for slot, request in enumerate(self.requests):
+            if self.started[slot]:
+                try:
+                    request.wait()
+                except Exception:  # noqa: BLE001 - closing after an error: the first error is the one to raise
+                    pass
+                self.started[slot] = False
+
+
+class SlotResult:
+    """One submitted frame: ``result()`` waits for its request and returns the output tensor's view."""
+
+    def __init__(self, ring: RequestRing, slot: int):
+        self.ring, self.slot = ring, slot
+
+    def result(self) -> np.ndarray:
+        return self.ring.wait(self.slot)
+
+    def done(self) -> bool:
+        return not self.ring.started[self.slot]

@@ -127,7 +127,7 @@ class Detector:
         flight at once, each decoded, letterboxed, inferred and post-processed in one of ``depth``
         worker threads over the thread-safe ``detect`` path (see ``runtime.pipeline``), so one
         frame's host work overlaps another's inference. Engines with an asynchronous queue
-        (OpenVINO: THROUGHPUT hint, ``depth`` requests) infer frames while this thread decodes,
+        (OpenVINO: a ring of ``depth`` requests) infer frames while this thread decodes,
         letterboxes and post-processes others. Stop early by closing the generator (or
         breaking out of a ``for``): pending frames are dropped and the workers joined.
         """
@@ -138,8 +138,10 @@ class Detector:
                                               self.max_det if max_det is None else max_det)
         options = (conf, iou, max_det, multi_label, agnostic, classes)
         if hasattr(self.engine, "async_queue"):  # OpenVINO: its own request queue, host work here
-            # The queue copies each input at submit, so this thread's reused canvas is safe here.
-            return ordered_async(lambda frame: self._prepare(frame)[:2], lambda: self.engine.async_queue(depth),
+            # The engine reads each slot's input in place: one letterbox canvas per slot.
+            canvases = [LetterboxCanvas() for _ in range(depth)]
+            return ordered_async(lambda frame, slot: self._prepare(frame, canvases[slot])[:2],
+                                 lambda: self.engine.async_queue(depth),
                                  lambda raw, context: self._finish(raw, context, *options)[0], frames, depth)
 
         def work(frame) -> Detections:
@@ -157,10 +159,10 @@ class Detector:
                                      decode=decode, nms=nms, scale=scale)
         return dets
 
-    def _prepare(self, source):
+    def _prepare(self, source, canvas: LetterboxCanvas | None = None):
         """A frame → (engine input, (letterbox info, the file's full size), read/letterbox/to_input seconds).
 
-        The input lives in this thread's reused canvas: valid until this thread's next frame.
+        The input lives in ``canvas`` (default: this thread's reused one): valid until its next frame.
         """
         t0 = time.perf_counter()
         if self.reduced_decode and isinstance(source, (str, Path)):
@@ -169,7 +171,7 @@ class Detector:
             image = as_bgr(source)
             full_hw = image.shape[:2]
         t1 = time.perf_counter()
-        canvas = self._canvas()
+        canvas = canvas or self._canvas()
         boxed, info = letterbox(image, self.letterbox, canvas)
         t2 = time.perf_counter()
         if self.takes_image:  # the engine converts the letterbox itself (backends.image_input)

@@ -53,24 +53,28 @@ def ordered_map(work: Callable[[T], R], items: Iterable[T], depth: int = 3) -> I
 def ordered_async(prepare: Callable, open_queue: Callable, finish: Callable, items: Iterable, depth: int = 3) -> Iterator:
     """``finish(output, context)`` for every item, in input order, inference running asynchronously.
 
-    ``prepare(item) -> (batch, context)`` and ``finish`` run in the consumer's thread;
-    ``open_queue()`` gives an object with ``submit(batch) -> Future`` and ``close()`` (waits for
-    every request). It is opened at the first ``next()``, so a generator never started holds
-    nothing. At most ``depth`` items are read and not yet yielded; closing early, or an error
-    anywhere, waits for the requests in flight before control returns.
+    ``prepare(item, slot) -> (batch, context)`` and ``finish`` run in the consumer's thread;
+    ``open_queue()`` gives an object with ``submit(batch, slot) -> result`` (``result.result()``
+    waits for the output) and ``close()`` (waits for every request). Items take slots
+    ``0 .. depth-1`` in turn, and an item's slot is reused only after its output went through
+    ``finish``, so a slot's input buffer and output may be the engine's own, without copies.
+    The queue is opened at the first ``next()``, so a generator never started holds nothing.
+    At most ``depth`` items are read and not yet yielded; closing early, or an error anywhere,
+    waits for the requests in flight before control returns.
     """
     depth = check_depth(depth)
     engine_queue = open_queue()
     pending: deque = deque()
     try:
-        for item in items:
-            batch, context = prepare(item)
-            pending.append((engine_queue.submit(batch), context))
-            if len(pending) >= depth:
-                future, context = pending.popleft()
-                yield finish(future.result(), context)
+        for count, item in enumerate(items):
+            slot = count % depth
+            batch, context = prepare(item, slot)
+            pending.append((engine_queue.submit(batch, slot), context))
+            if len(pending) >= depth:  # the oldest, whose slot the next item takes
+                result, context = pending.popleft()
+                yield finish(result.result(), context)
         while pending:
-            future, context = pending.popleft()
-            yield finish(future.result(), context)
+            result, context = pending.popleft()
+            yield finish(result.result(), context)
     finally:
         engine_queue.close()
