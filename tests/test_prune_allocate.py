@@ -48,11 +48,11 @@ def test_greedy_order_takes_from_the_cheap_group_first():
     assert {name for name, _ in moves} == {"fragile", "cheap"} and len(moves) == 6
 
 
-def test_measured_damage_finds_the_harmless_group(yolov5n, tiny_images):
+def test_measured_damage_finds_the_harmless_group(yolov5n, l1_groups, tiny_images):
     """Half of one group's channels silenced beforehand (BatchNorm scale and shift zero): pruning them
     costs nothing, so the measure ranks that group below an untouched one of the same width, and the
     greedy allocation spends its first moves there."""
-    groups = {g.name: g for g in prunable_groups(yolov5n, make_importance("l1"))}
+    groups = {g.name: g for g in l1_groups}
     silent, other = groups["model.13.m.0.cv1.conv"], groups["model.20.m.0.cv1.conv"]
     quiet = [i for i in range(silent.channels) if i % 2]  # half the channels, spread over the layer
     model = allocate.masked_copy(yolov5n, dataclasses.replace(silent, order=tuple(quiet)), len(quiet))
@@ -66,6 +66,7 @@ def test_measured_damage_finds_the_harmless_group(yolov5n, tiny_images):
     assert moves[:2] == [(silent.name, 56), (silent.name, 48)]
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: a dependency graph, 50 measurements, real prunes, an export
 def test_sensitivity_prune_from_the_cli_meets_the_budget_and_records_widths(yolov5n_pt, coco128, tmp_path,
                                                                          monkeypatch):
     """The CLI path end to end, on tiny inputs: the budget met, widths multiples of --round-to, the choice
@@ -117,9 +118,14 @@ def test_sensitivity_needs_images_and_excludes_global(yolov5n_pt, yolov5n, tmp_p
               images=[torch.zeros(1, 3, 64, 64)])
 
 
-def test_masking_a_group_equals_pruning_it(yolov5n):
+@pytest.fixture(scope="module")
+def l1_groups(yolov5n):
+    return prunable_groups(yolov5n, make_importance("l1"))
+
+
+def test_masking_a_group_equals_pruning_it(yolov5n, l1_groups):
     """What the damage is measured on (channels masked) is what pruning computes (channels removed)."""
-    groups = prunable_groups(yolov5n, make_importance("l1"))
+    groups = l1_groups
     group = next(g for g in groups if g.name == "model.6.m.1.cv1.conv")
     masked = allocate.masked_copy(yolov5n, group, 16)
     pruned = copy.deepcopy(yolov5n)
@@ -130,3 +136,18 @@ def test_masking_a_group_equals_pruning_it(yolov5n):
         torch.testing.assert_close(pruned.eval()(x), masked.eval()(x), atol=1e-3, rtol=1e-3)
         assert not torch.allclose(masked(x), yolov5n.eval()(x), atol=1e-2)
     assert isinstance(dict(pruned.named_modules())[group.name], nn.Conv2d)
+
+
+def test_gflops_estimated_from_widths_match_the_pruned_model(yolov5n, l1_groups):
+    """The allocation's search counts GFLOPs from the widths alone (concatenations included); a real
+    prune to the same widths confirms it."""
+    widths = {g.name: g.channels // 2 for g in l1_groups[::3]}  # every third group halved, concat inputs among them
+    costs = allocate.conv_costs(yolov5n)
+    full = model_size(yolov5n).gflops
+    other = full - allocate.estimated_gflops(costs, l1_groups, {})
+    assert 0 <= other < 0.02 * full  # convolutions are the cost
+    pruned = copy.deepcopy(yolov5n)
+    allocate.prune_to_widths(pruned, l1_groups, widths)
+    estimate = allocate.estimated_gflops(costs, l1_groups, widths) + other
+    assert estimate == pytest.approx(model_size(pruned).gflops, rel=0.01)
+    assert estimate < 0.9 * full

@@ -39,6 +39,7 @@ class Group:
     order: tuple[int, ...]  # channel indices (root numbering), least important first
     masks: tuple[tuple[str, tuple[int, ...]], ...]  # (BatchNorm name, its index of each root channel)
     gflops_per_channel: float  # GFLOPs@640 one removed channel saves (at full widths: an estimate)
+    touches: tuple[tuple[str, str], ...] = ()  # (convolution name, "out" or "in"): where its channels live
 
 
 @dataclass
@@ -69,7 +70,7 @@ def prunable_groups(model: nn.Module, importance) -> list[Group]:
     with torch.no_grad():
         for group in graph.get_all_groups(ignored_layers=list(work.detect.m.modules()), root_module_types=[nn.Conv2d]):
             root = group[0].dep.target.module
-            masks, macs = [], 0.0
+            masks, macs, touches = [], 0.0, []
             for item in group:
                 module, handler = item.dep.target.module, item.dep.handler
                 if handler == tp.prune_batchnorm_out_channels:
@@ -77,12 +78,34 @@ def prunable_groups(model: nn.Module, importance) -> list[Group]:
                     masks.append((names[module], tuple(by_root[i] for i in range(root.out_channels))))
                 elif handler == tp.prune_conv_out_channels:
                     macs += module.in_channels // module.groups * _kernel(module) * areas[module]
+                    touches.append((names[module], "out"))
                 elif handler == tp.prune_conv_in_channels:
                     macs += module.out_channels // module.groups * _kernel(module) * areas[module]
+                    touches.append((names[module], "in"))
             scores = importance(group)
             order = tuple(int(i) for i in torch.argsort(scores.float().cpu(), stable=True))
-            groups.append(Group(names[root], root.out_channels, order, tuple(masks), 2 * macs / 1e9))
+            groups.append(Group(names[root], root.out_channels, order, tuple(masks), 2 * macs / 1e9, tuple(touches)))
     return groups
+
+
+def conv_costs(model: nn.Module) -> dict[str, tuple[int, int, float]]:
+    """Every convolution's (out channels, in channels, GFLOPs@640 per out × in channel pair)."""
+    areas = _output_areas(model)
+    names = {module: name for name, module in model.named_modules()}
+    return {names[m]: (m.out_channels, m.in_channels, 2 * _kernel(m) * area / m.groups / 1e9)
+            for m, area in areas.items()}
+
+
+def estimated_gflops(costs: dict[str, tuple[int, int, float]], groups: Sequence[Group],
+                     widths: dict[str, int]) -> float:
+    """Convolution GFLOPs@640 once ``groups`` are cut to ``widths``, counted from the shapes alone
+    (milliseconds, where a real prune takes seconds); a concatenation's input adds up its groups' cuts."""
+    cut = {name: [0, 0] for name in costs}
+    for group in groups:
+        removed = group.channels - widths.get(group.name, group.channels)
+        for conv, side in group.touches:
+            cut[conv][side == "in"] += removed
+    return sum((out - cut[name][0]) * (inp - cut[name][1]) * unit for name, (out, inp, unit) in costs.items())
 
 
 def _kernel(conv: nn.Conv2d) -> int:
@@ -242,14 +265,22 @@ def sensitivity_widths(model: nn.Module, target_gflops: float, images: Sequence[
         prune_to_widths(clone, groups, widths_after(groups, moves[:count]))
         return model_size(clone).gflops
 
+    costs = conv_costs(model)
+    other = model_size(model).gflops - estimated_gflops(costs, groups, {})  # what is not a convolution
+
+    def estimate(count: int) -> float:
+        return estimated_gflops(costs, groups, widths_after(groups, moves[:count])) + other
+
     low, high = 0, len(moves)
-    if gflops(high) > target_gflops:
-        raise EdgeYoloError(f"--target-flops {target_gflops}: not reached even at every group's narrowest "
-                            f"measured width ({max(LEVELS):.0%} pruned)")
-    while low < high:  # least prefix meeting the budget (GFLOPs fall with every move)
+    while low < high:  # least prefix whose estimate meets the budget (GFLOPs fall with every move)
         mid = (low + high) // 2
-        if gflops(mid) <= target_gflops:
+        if estimate(mid) <= target_gflops:
             high = mid
         else:
             low = mid + 1
+    while gflops(high) > target_gflops:  # the real count decides; the estimate only saves prunes
+        if high == len(moves):
+            raise EdgeYoloError(f"--target-flops {target_gflops}: not reached even at every group's narrowest "
+                                f"measured width ({max(LEVELS):.0%} pruned)")
+        high += 1
     return Allocation(groups, sensitivity, widths_after(groups, moves[:high]))
