@@ -66,7 +66,6 @@ def test_measured_damage_finds_the_harmless_group(yolov5n, l1_groups, tiny_image
     assert moves[:2] == [(silent.name, 56), (silent.name, 48)]
 
 
-@pytest.mark.slow  # ~50 s on 2 cores: a dependency graph, 50 measurements, real prunes, an export
 def test_sensitivity_prune_from_the_cli_meets_the_budget_and_records_widths(yolov5n_pt, coco128, tmp_path,
                                                                          monkeypatch):
     """The CLI path end to end, on tiny inputs: the budget met, widths multiples of --round-to, the choice
