@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import FIXTURES, ensure_bundles, run_interleaved, target_bench_parser  # noqa: E402
 
+RECOVERY_ROWS = ("fine-tune", "distill-label-free", "distill-labels", "relu")
+
 
 def parse_args(argv=None):
     parser = target_bench_parser(__doc__, "intel-cpu-int8")
@@ -52,6 +54,13 @@ def parse_args(argv=None):
                         help="Channel multiple of the recovered 30%%-GFLOPs model (8 lands nearest 30%%).")
     parser.add_argument("--bn-calib-size", type=int, default=128,
                         help="Tune-train images the pruned rows re-estimate BatchNorm statistics on.")
+    parser.add_argument("--sensitivity-images", type=int, default=32,
+                        help="Tune-train images the sensitivity allocation measures each group's damage on.")
+    parser.add_argument("--sensitivity-imgsz", type=int, default=320, help="Their letterbox size.")
+    parser.add_argument("--recover-from", choices=("sensitivity", "uniform"), default="sensitivity",
+                        help="Which 30%%-GFLOPs model the recovery rows start from.")
+    parser.add_argument("--recovery", default=",".join(RECOVERY_ROWS),
+                        help="Comma-separated recovery rows to train and report (%(default)s).")
     return parser.parse_args(argv)
 
 
@@ -86,8 +95,22 @@ def recalibrated(model, images: Path, size: int):
     return model
 
 
+def calibration_batches(images: Path, size: int, imgsz: int) -> list:
+    from edgeyolo.calibration import load_calibration
+    from edgeyolo.optimize.batchnorm import letterboxed_batches
+    from edgeyolo.runtime.preprocess import LetterboxSettings
+
+    return list(letterboxed_batches(load_calibration(images, LetterboxSettings(imgsz=(imgsz, imgsz)),
+                                                     size=size).letterboxed))
+
+
+def pruned_name(fraction: int, round_to: int, allocation: str = "uniform") -> str:
+    return f"pruned-{fraction}%-gflops r{round_to}" + (" sensitivity" if allocation == "sensitivity" else "")
+
+
 def make_variants(args, out: Path, tune_train: Path) -> dict[str, Path]:
-    """Checkpoints of the rows that need no training (pruning + BatchNorm re-estimation, seconds each)."""
+    """Checkpoints of the rows that need no training (pruning + BatchNorm re-estimation; the sensitivity
+    allocation measures every layer group first, minutes)."""
     from edgeyolo.model import load_model, save_model
     from edgeyolo.optimize.act_swap import swap_activation
     from edgeyolo.optimize.measure import model_size
@@ -99,19 +122,30 @@ def make_variants(args, out: Path, tune_train: Path) -> dict[str, Path]:
     variants = {"baseline": Path(args.weights)}
     r, rr, images, n = args.round_to, args.recover_round_to, tune_train / "images", args.bn_calib_size
 
-    def pruned(fraction, round_to):
-        return lambda m: recalibrated(prune(m, target_gflops=fraction * gflops, round_to=round_to).model, images, n)
+    def pruned(fraction, round_to, allocation="uniform"):
+        def make(m):
+            sens = calibration_batches(images, args.sensitivity_images, args.sensitivity_imgsz) \
+                if allocation == "sensitivity" else ()
+            result = prune(m, target_gflops=fraction * gflops, round_to=round_to, allocation=allocation, images=sens)
+            choice = {"allocation": allocation, "groups": result.allocation} if result.allocation else {}
+            return recalibrated(result.model, images, n), choice
+        return make
 
     specs = {"zeroing-30%": lambda m: zero_smallest(m, 0.3),
-             f"pruned-30%-gflops r{rr}": pruned(0.7, rr),
-             f"pruned-50%-gflops r{r}": pruned(0.5, r),
-             "pruned-50%-gflops r8": pruned(0.5, 8),
+             pruned_name(30, rr): pruned(0.7, rr),
+             pruned_name(30, rr, "sensitivity"): pruned(0.7, rr, "sensitivity"),
+             pruned_name(50, r): pruned(0.5, r),
+             pruned_name(50, 8): pruned(0.5, 8),
              "relu swap": lambda m: swap_activation(m, "relu")}
     for name, make in specs.items():
         path = out / "weights" / f"{name.replace(' ', '_')}.safetensors"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_model(make(copy.deepcopy(base)), path)
+            began = time.perf_counter()
+            made = make(copy.deepcopy(base))
+            model, choice = made if isinstance(made, tuple) else (made, {})  # pruned rows: their allocation too
+            save_model(model, path, meta={**choice, "bench_compress": name,
+                                          "seconds": round(time.perf_counter() - began)})
         variants[name] = path
     return variants
 
@@ -124,16 +158,22 @@ def recovery_variants(args, out: Path, variants: dict[str, Path], tune_train: Pa
     from edgeyolo.train.hyp import load_hyp
     from edgeyolo.train.trainer import TrainConfig, Trainer
 
-    start = str(variants[f"pruned-30%-gflops r{args.recover_round_to}"])
+    start = str(variants[pruned_name(30, args.recover_round_to, args.recover_from)])
     kd = DistillWeights(temperature=args.temperature, feature=args.feature_gain)
+    prefix = f"pruned-30% {args.recover_from}" if args.recover_from == "sensitivity" else "pruned-30%"
     runs = {
-        "pruned-30% + fine-tune": lambda c: Trainer(c),
-        "pruned-30% + distill (label-free)": lambda c: DistillTrainer(c, args.weights, label_free=True, weights=kd),
-        "pruned-30% + distill + labels": lambda c: DistillTrainer(c, args.weights, weights=kd),
-        "relu + distill + labels": lambda c: DistillTrainer(c, args.weights, weights=kd),
+        "fine-tune": (f"{prefix} + fine-tune", lambda c: Trainer(c)),
+        "distill-label-free": (f"{prefix} + distill (label-free)",
+                               lambda c: DistillTrainer(c, args.weights, label_free=True, weights=kd)),
+        "distill-labels": (f"{prefix} + distill + labels", lambda c: DistillTrainer(c, args.weights, weights=kd)),
+        "relu": ("relu + distill + labels", lambda c: DistillTrainer(c, args.weights, weights=kd)),
     }
+    chosen = [key.strip() for key in args.recovery.split(",") if key.strip()]
+    unknown = sorted(set(chosen) - set(runs))
+    if unknown:
+        raise SystemExit(f"--recovery: unknown row {unknown[0]!r} (rows: {', '.join(RECOVERY_ROWS)})")
     found = {}
-    for name, make in runs.items():
+    for name, make in (runs[key] for key in chosen):
         run = out / "runs" / name.replace(" ", "").replace("+", "_").replace("(", "").replace(")", "")
         if not (run / "best.safetensors").exists():
             weights = str(variants["relu swap"]) if name.startswith("relu") else start
@@ -245,7 +285,9 @@ def main(argv=None) -> None:
               "epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch,
               "optimizer": f"adamw lr0 {args.lr0}, linear decay, no warm-up, one step per batch",
               "distill": {"temperature": args.temperature, "feature_gain": args.feature_gain},
-              "start": f"pruned-30%-gflops r{args.recover_round_to} (relu row: the relu swap of the baseline)",
+              "start": f"{pruned_name(30, args.recover_round_to, args.recover_from)} "
+                       "(relu row: the relu swap of the baseline)",
+              "rows": args.recovery,
               "teacher": args.weights} if args.train else "recovery rows not run (--train)"
     report = {"rows": rows, "round_to": args.round_to, "recovery_budget": budget, "rounds": args.rounds,
               "iters": args.iters, "load_average": os.getloadavg()}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import click
 
 from ..errors import EdgeYoloError
-from .common import cli, err
+from .common import cli, err, progress_bar
 
 ACTS = ["relu", "relu6", "leakyrelu", "hardswish", "silu"]
 
@@ -20,6 +21,9 @@ ACTS = ["relu", "relu6", "leakyrelu", "hardswish", "silu"]
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Pruned checkpoint.")
 @click.option("--importance", type=click.Choice(["l1", "bn", "taylor"]), default="l1", show_default=True)
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels across layers (default: uniform).")
+@click.option("--allocate", "allocation", type=click.Choice(["uniform", "sensitivity"]), default="uniform",
+              show_default=True, help="sensitivity: measure each layer group's damage alone on --calib images and "
+                                      "spend the GFLOPs budget (--ratio: uniform's) where it hurts least.")
 @click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
               help="Keep channel counts a multiple of this (1 = no rounding).")
 @click.option("--iterative", type=click.IntRange(min=1), default=1, show_default=True,
@@ -30,14 +34,16 @@ ACTS = ["relu", "relu6", "leakyrelu", "hardswish", "silu"]
 @click.option("--calib", help="Unlabelled images (folder, list file or named set): BatchNorm statistics are "
                               "re-estimated on them after pruning (advised: one-shot pruning shifts them).")
 @click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True)
-def prune(weights, ratio, target_flops, out, importance, global_pruning, round_to, iterative, data, recover_epochs,
-          imgsz, calib, calib_size):
+def prune(weights, ratio, target_flops, out, importance, global_pruning, allocation, round_to, iterative, data,
+          recover_epochs, imgsz, calib, calib_size):
     """Remove channels from WEIGHTS (structured pruning); prints params and GFLOPs before -> after."""
     from ..model import load_model, save_model
     from ..optimize import prune as pruning
 
     if iterative > 1 and data is None:
         raise EdgeYoloError("--iterative needs --data to recover between steps")
+    if allocation == "sensitivity" and not calib:
+        raise EdgeYoloError("--allocate sensitivity needs --calib (unlabelled images to measure the damage on)")
     loaded = load_model(weights)
     model = loaded.model.float()
     hyp = None
@@ -50,25 +56,54 @@ def prune(weights, ratio, target_flops, out, importance, global_pruning, round_t
             loss_fn = pruning.taylor_loss_fn(_few_batches(data, imgsz, model), hyp, imgsz)
         if iterative > 1:
             recover = _recover_with_trainer(data, imgsz, recover_epochs, Path(out))
-    result = pruning.prune(model, ratio=ratio, target_gflops=target_flops, importance=importance,
-                           global_pruning=global_pruning, round_to=round_to if round_to > 1 else None,
-                           loss_fn=loss_fn, recover=recover, iterative=iterative)
-    recalibrated = _recalibrate(result.model, calib, calib_size, imgsz) if calib else 0
-    path = save_model(result.model, out, meta={"pruned_from": str(weights), "ratio": result.ratio,
-                                               "importance": importance, "global": global_pruning,
-                                               "batchnorm_recalibrated_on": recalibrated})
+    from ..optimize.allocate import SENSITIVITY_IMAGES
+
+    images = _calibration_batches(calib, calib_size, imgsz) if calib else []
+    sensitivity_images = images[:max(1, SENSITIVITY_IMAGES // CALIB_BATCH)]
+    with contextlib.ExitStack() as stack:
+        result = pruning.prune(model, ratio=ratio, target_gflops=target_flops, importance=importance,
+                               global_pruning=global_pruning, round_to=round_to if round_to > 1 else None,
+                               loss_fn=loss_fn, recover=recover, iterative=iterative, allocation=allocation,
+                               images=sensitivity_images, progress=_late_progress_bar(stack, "measuring damage"))
+    recalibrated = _recalibrate(result.model, images, calib) if calib else 0
+    meta = {"pruned_from": str(weights), "ratio": result.ratio, "importance": importance, "global": global_pruning,
+            "allocation": allocation, "batchnorm_recalibrated_on": recalibrated}
+    if result.allocation is not None:
+        meta["groups"] = result.allocation
+    path = save_model(result.model, out, meta=meta)
     err.print(f"params {result.before.params / 1e6:.3f} M -> {result.after.params / 1e6:.3f} M, "
               f"GFLOPs@640 {result.before.gflops:.2f} -> {result.after.gflops:.2f} (ratio {result.ratio:.3f})")
     err.print(f"pruned model saved to {path}")
 
 
-def _recalibrate(model, calib, size, imgsz) -> int:
+CALIB_BATCH = 8
+
+
+def _late_progress_bar(stack: contextlib.ExitStack, label: str):
+    """A ``progress(done, total)`` callback whose bar opens (on ``stack``) once the total is known."""
+    advance = []
+
+    def progress(done: int, total: int) -> None:
+        if not advance:
+            advance.append(stack.enter_context(progress_bar(label, total)))
+        advance[0](1)
+
+    return progress
+
+
+def _calibration_batches(calib, size, imgsz) -> list:
     from ..calibration import load_calibration
-    from ..optimize.batchnorm import letterboxed_batches, recalibrate_batchnorm
+    from ..optimize.batchnorm import letterboxed_batches
     from ..runtime.preprocess import LetterboxSettings
 
     images = load_calibration(calib, LetterboxSettings(imgsz=(imgsz, imgsz)), size=None, default_size=size)
-    seen = recalibrate_batchnorm(model, letterboxed_batches(images.letterboxed))
+    return list(letterboxed_batches(images.letterboxed, CALIB_BATCH))
+
+
+def _recalibrate(model, batches, calib) -> int:
+    from ..optimize.batchnorm import recalibrate_batchnorm
+
+    seen = recalibrate_batchnorm(model, batches)
     err.print(f"BatchNorm statistics re-estimated on {seen} images from {calib}")
     return seen
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from ..errors import EdgeYoloError
 from .measure import Size, model_size
 
 IMPORTANCES = ("l1", "bn", "taylor")
+ALLOCATIONS = ("uniform", "sensitivity")  # how the budget is spread over layer groups (see allocate.py)
 # The most any layer may lose: a layer pruned to nothing would cut the graph.
 MAX_LAYER_RATIO = 0.9
 SEARCH_ROUNDS = 6  # --target-flops: bisection rounds over the ratio (each prunes a copy)
@@ -32,7 +33,8 @@ class PruneResult:
     model: nn.Module
     before: Size
     after: Size
-    ratio: float  # the channel ratio used (found by the search for --target-flops)
+    ratio: float  # the channel ratio used (found by the search for --target-flops); sensitivity: uniform's equal
+    allocation: dict | None = None  # sensitivity allocation: per group channels, kept width, measured damage
 
 
 def make_importance(name: str):
@@ -89,12 +91,16 @@ def _nearest_rounding_pruner_class():
 def prune(model: nn.Module, *, ratio: float | None = None, target_gflops: float | None = None,
           importance: str = "l1", global_pruning: bool = False, round_to: int | None = 8,
           loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
-          recover: Callable[[nn.Module, int], None] | None = None, iterative: int = 1) -> PruneResult:
+          recover: Callable[[nn.Module, int], None] | None = None, iterative: int = 1,
+          allocation: str = "uniform", images: Sequence[torch.Tensor] = (),
+          progress: Callable[[int, int], None] | None = None) -> PruneResult:
     """Prune ``model`` in place: ``ratio`` of each group's channels, or the least ratio whose GFLOPs@640
     are ≤ ``target_gflops`` (found by bisection on copies).
 
     ``loss_fn(model)`` returns a loss on real data (needed by ``taylor``); with ``iterative`` = K the
     ratio is reached in K equal steps and ``recover(model, step)`` runs between them.
+    ``allocation="sensitivity"`` spends the same GFLOPs budget (``ratio``: what the uniform prune at that
+    ratio reaches) per group, measured on ``images`` (float NCHW batches in 0..1); see ``allocate``.
     """
     if (ratio is None) == (target_gflops is None):
         raise EdgeYoloError("give exactly one of --ratio and --target-flops")
@@ -102,14 +108,50 @@ def prune(model: nn.Module, *, ratio: float | None = None, target_gflops: float 
         raise EdgeYoloError("--importance taylor needs --data (gradients on real images)")
     if iterative < 1:
         raise EdgeYoloError(f"--iterative must be at least 1, not {iterative}")
+    if allocation not in ALLOCATIONS:
+        raise EdgeYoloError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, not {allocation!r}")
     before = model_size(model)
     settings = dict(importance=importance, global_pruning=global_pruning, round_to=round_to, loss_fn=loss_fn)
+    if allocation == "sensitivity":
+        return _prune_by_sensitivity(model, before, ratio, target_gflops, images, progress, iterative=iterative,
+                                     **settings)
     if target_gflops is not None:
         if not 0 < target_gflops < before.gflops:
             raise EdgeYoloError(f"--target-flops must be between 0 and the model's {before.gflops:.2f} GFLOPs")
         ratio = ratio_for_gflops(model, target_gflops, **settings)
     _prune_steps(model, ratio, iterative, recover, **settings)
     return PruneResult(model=model, before=before, after=model_size(model), ratio=ratio)
+
+
+def _prune_by_sensitivity(model: nn.Module, before: Size, ratio: float | None, target_gflops: float | None,
+                          images, progress, *, iterative: int, importance: str, global_pruning: bool,
+                          round_to: int | None, loss_fn) -> PruneResult:
+    from .allocate import prune_to_widths, sensitivity_widths
+
+    if global_pruning or iterative > 1:
+        raise EdgeYoloError("--allocate sensitivity chooses every group's width itself: "
+                            "not with --global or --iterative")
+    if target_gflops is None:
+        if not 0 < ratio < 1:
+            raise EdgeYoloError(f"--ratio must be between 0 and 1, not {ratio}")
+        target_gflops = model_size(_pruned_copy(model, ratio, importance=importance, global_pruning=False,
+                                                round_to=round_to, loss_fn=loss_fn)).gflops
+    elif not 0 < target_gflops < before.gflops:
+        raise EdgeYoloError(f"--target-flops must be between 0 and the model's {before.gflops:.2f} GFLOPs")
+    if importance == "taylor":
+        _tracing_mode(model)
+        model.zero_grad(set_to_none=True)
+        loss_fn(model).backward()
+    try:
+        chosen = sensitivity_widths(model, target_gflops, images, importance=make_importance(importance),
+                                            round_to=round_to or 1, max_ratio=MAX_LAYER_RATIO, progress=progress)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    prune_to_widths(model, chosen.groups, chosen.widths)
+    removed = 1 - sum(chosen.widths.values()) / sum(g.channels for g in chosen.groups)
+    return PruneResult(model=model, before=before, after=model_size(model), ratio=ratio if ratio else removed,
+                       allocation=chosen.describe())
 
 
 def ratio_for_gflops(model: nn.Module, target_gflops: float, **settings) -> float:
