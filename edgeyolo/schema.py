@@ -19,6 +19,7 @@ from .errors import EdgeYoloError
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 C_SCANNER_MAX_DEPTH = 200  # well inside any recursion limit and any C stack
 MAX_YAML_BYTES = 1 << 20  # a model, hyp or data yaml is a few kB
+MAX_YAML_FLOW_DEPTH = 100  # [ / { levels a user's yaml may nest (a model yaml needs 3)
 
 
 def read_yaml_file(path: Path, what: str, invalid: str = "not valid YAML"):
@@ -30,7 +31,10 @@ def read_yaml_file(path: Path, what: str, invalid: str = "not valid YAML"):
     try:
         if path.stat().st_size > MAX_YAML_BYTES:
             raise EdgeYoloError(f"{path}: {what} larger than {MAX_YAML_BYTES} bytes")
-        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        if bracket_depth(text.encode("utf-8")) > MAX_YAML_FLOW_DEPTH:  # PyYAML's scanner is quadratic in it
+            raise EdgeYoloError(f"{path}: {invalid} (nested deeper than {MAX_YAML_FLOW_DEPTH} levels)")
+        return yaml.safe_load(text)
     except OSError as exc:
         raise EdgeYoloError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -38,6 +42,13 @@ def read_yaml_file(path: Path, what: str, invalid: str = "not valid YAML"):
         raise EdgeYoloError(f"{path}: {invalid} ({reason})") from None
     except RecursionError:
         raise EdgeYoloError(f"{path}: {invalid} (nested too deeply)") from None
+
+
+def bracket_depth(raw: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in ``raw``, counted conservatively (brackets in strings too)."""
+    codes = np.frombuffer(raw, dtype=np.uint8)
+    step = np.isin(codes, (0x5B, 0x7B)).astype(np.int32) - np.isin(codes, (0x5D, 0x7D)).astype(np.int32)
+    return int(np.cumsum(step).max()) if step.size else 0
 
 
 def loads_json(data):
@@ -51,11 +62,8 @@ def loads_json(data):
     ``RecursionError`` or, on Python >= 3.11, lives on the heap.
     """
     raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    codes = np.frombuffer(raw, dtype=np.uint8)
-    step = np.isin(codes, (0x5B, 0x7B)).astype(np.int32) - np.isin(codes, (0x5D, 0x7D)).astype(np.int32)
-    depth = int(np.cumsum(step).max()) if step.size else 0
     text = raw.decode("utf-8")
-    if depth <= C_SCANNER_MAX_DEPTH:
+    if bracket_depth(raw) <= C_SCANNER_MAX_DEPTH:
         return json.loads(text)
     decoder = json.JSONDecoder()
     decoder.scan_once = json.scanner.py_make_scanner(decoder)
