@@ -31,8 +31,9 @@ def read_yaml_file(path: Path, what: str, invalid: str = "not valid YAML"):
     try:
         if path.stat().st_size > MAX_YAML_BYTES:
             raise EdgeYoloError(f"{path}: {what} larger than {MAX_YAML_BYTES} bytes")
-        text = path.read_bytes().decode("utf-8")
-        if bracket_depth(text.encode("utf-8")) > MAX_YAML_FLOW_DEPTH:  # PyYAML's scanner is quadratic in it
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+        if bracket_depth(raw) > MAX_YAML_FLOW_DEPTH:  # PyYAML's scanner is quadratic in it
             raise EdgeYoloError(f"{path}: {invalid} (nested deeper than {MAX_YAML_FLOW_DEPTH} levels)")
         return yaml.safe_load(text)
     except OSError as exc:
