@@ -20,7 +20,7 @@ from .common import cli, err, progress_bar
               "[default: --imgsz] (train small, start from the deployed size's ranges).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0), default=3e-5, show_default=True,
-              help="Adam, weights and biases (chosen among 1e-5, 3e-5 on a held-out split: docs/int8.md#qat).")
+              help="Adam, weights and biases (chosen among 1e-5, 3e-5, 6e-5 on a held-out split: docs/int8.md#qat).")
 @click.option("--scale-lr", type=click.FloatRange(min=0), default=5e-3, show_default=True,
               help="Adam, the activation scales (log-gain per scale).")
 @click.option("--fixed-scales", is_flag=True, help="Keep the calibrated scales; fine-tune the weights only.")
