@@ -36,6 +36,20 @@ def qat_checkpoint(qat_run) -> Path:
     return qat_run / "qat.safetensors"
 
 
+class _RandomCalibration:
+    """Two random IMGSZ images in the shape of a CalibrationSet (what calibration and bias shifts read)."""
+
+    method = ""
+
+    def __len__(self):
+        return 2
+
+    def batches(self, layout="NCHW", batch_size=1):
+        rng = np.random.default_rng(0)
+        for _ in range(2):
+            yield rng.random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+
+
 def _graphs(weights, tmp_path):
     """(float ONNX, PTQ Q/DQ ONNX) of ``weights`` at IMGSZ, calibrated on two random images."""
     import onnx
@@ -46,19 +60,8 @@ def _graphs(weights, tmp_path):
 
     src = export_onnx(load_model(weights).model, tmp_path / "f.onnx", ExportOptions(imgsz=(IMGSZ, IMGSZ), head="sigmoid"))
 
-    class Calib:
-        method = ""
-
-        def __len__(self):
-            return 2
-
-        def batches(self, layout="NCHW", batch_size=1):
-            rng = np.random.default_rng(0)
-            for _ in range(2):
-                yield rng.random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
-
     settings = QuantizeSettings(float_from_stride=0)
-    qdq, _ = write_qdq(src, calibrate_ranges(src, Calib(), settings), settings)
+    qdq, _ = write_qdq(src, calibrate_ranges(src, _RandomCalibration(), settings), settings)
     return onnx.load(str(src)), qdq
 
 
@@ -105,16 +108,7 @@ def test_fake_quant_graph_starts_from_the_bias_corrected_graph(yolov5n_pt, tmp_p
 
     float_model, qdq = _graphs(yolov5n_pt, tmp_path)
 
-    class Calib:
-        def __len__(self):
-            return 2
-
-        def batches(self, layout="NCHW", batch_size=1):
-            rng = np.random.default_rng(0)
-            for _ in range(2):
-                yield rng.random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
-
-    shifts = bias_shifts(qdq, tmp_path / "f.onnx", Calib())
+    shifts = bias_shifts(qdq, tmp_path / "f.onnx", _RandomCalibration())
     corrected = copy.deepcopy(qdq)
     assert apply_bias_shifts(corrected, shifts) > 10 and any(np.any(v) for v in shifts.values())
     graph = QdqGraph(qdq, float_model)
