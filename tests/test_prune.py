@@ -207,3 +207,21 @@ def test_removing_channels_equals_zeroing_their_outputs(yolov5n):
         pruned_out, zeroed_out, original_out = model(x), zeroed(x), yolov5n(x)
     assert torch.allclose(pruned_out, zeroed_out, atol=1e-3)
     assert not torch.allclose(pruned_out, original_out, atol=1e-1)  # and the comparison can fail
+
+
+def test_batchnorm_recalibration_measures_the_whole_set_not_an_average_of_batches(yolov5n):
+    """The first BatchNorm's input is the stem convolution of the images themselves: its new
+    statistics must be the mean and variance over every pixel of every image. An average of
+    per-batch variances (torch's cumulative momentum) leaves out how the batch means differ."""
+    from edgeyolo.optimize.batchnorm import recalibrate_batchnorm
+
+    model = copy.deepcopy(yolov5n)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.rand(2, 3, 64, 64, generator=generator) * (0.2 + 0.6 * i) for i in range(3)]
+    recalibrate_batchnorm(model, batches)
+    with torch.no_grad():
+        stem = torch.cat([yolov5n.model[0].conv(b) for b in batches]).transpose(0, 1).reshape(16, -1).double()
+    bn = model.model[0].bn
+    torch.testing.assert_close(bn.running_mean.double(), stem.mean(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var.double(), stem.var(1), rtol=1e-4, atol=1e-5)
+    assert not model.training
