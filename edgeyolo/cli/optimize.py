@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from pathlib import Path
 
@@ -32,10 +33,14 @@ ACTS = ["relu", "relu6", "leakyrelu", "hardswish", "silu"]
 @click.option("--recover-epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--imgsz", type=click.IntRange(min=32), default=320, show_default=True, help="Size for --data use.")
 @click.option("--calib", help="Unlabelled images (folder, list file or named set): BatchNorm statistics are "
-                              "re-estimated on them after pruning (advised: one-shot pruning shifts them).")
+                              "re-estimated on them after pruning (advised: one-shot pruning shifts them); a "
+                              "folder is seen as training mosaics, the distribution the statistics belong to.")
 @click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--reconstruct", is_flag=True,
+              help="After pruning, re-fit every layer by least squares on the --calib images to reproduce the "
+                   "unpruned model's outputs (label-free, no training; minutes at 640).")
 def prune(weights, ratio, target_flops, out, importance, global_pruning, allocation, round_to, iterative, data,
-          recover_epochs, imgsz, calib, calib_size):
+          recover_epochs, imgsz, calib, calib_size, reconstruct):
     """Remove channels from WEIGHTS (structured pruning); prints params and GFLOPs before -> after."""
     from ..model import load_model, save_model
     from ..optimize import prune as pruning
@@ -44,8 +49,11 @@ def prune(weights, ratio, target_flops, out, importance, global_pruning, allocat
         raise EdgeYoloError("--iterative needs --data to recover between steps")
     if allocation == "sensitivity" and not calib:
         raise EdgeYoloError("--allocate sensitivity needs --calib (unlabelled images to measure the damage on)")
+    if reconstruct and not calib:
+        raise EdgeYoloError("--reconstruct needs --calib (unlabelled images to fit the layers on)")
     loaded = load_model(weights)
     model = loaded.model.float()
+    original = copy.deepcopy(model).eval() if reconstruct else None
     hyp = None
     loss_fn = recover = None
     if data is not None:
@@ -65,9 +73,12 @@ def prune(weights, ratio, target_flops, out, importance, global_pruning, allocat
                                global_pruning=global_pruning, round_to=round_to if round_to > 1 else None,
                                loss_fn=loss_fn, recover=recover, iterative=iterative, allocation=allocation,
                                images=sensitivity_images, progress=_late_progress_bar(stack, "measuring damage"))
-    recalibrated = _recalibrate(result.model, images, calib) if calib else 0
+    fitting = _training_like_batches(calib, calib_size, imgsz) or images if calib else []
+    recalibrated = _recalibrate(result.model, fitting, calib) if calib and not reconstruct else 0
     meta = {"pruned_from": str(weights), "ratio": result.ratio, "importance": importance, "global": global_pruning,
             "allocation": allocation, "batchnorm_recalibrated_on": recalibrated}
+    if reconstruct:
+        meta["reconstruction"] = _reconstruct(result.model, original, fitting, calib)
     if result.allocation is not None:
         meta["groups"] = result.allocation
     path = save_model(result.model, out, meta=meta)
@@ -100,12 +111,31 @@ def _calibration_batches(calib, size, imgsz) -> list:
     return list(letterboxed_batches(images.letterboxed, CALIB_BATCH))
 
 
+def _training_like_batches(calib, size, imgsz) -> list:
+    """A folder of images as mosaics (the training pipeline's view): what BatchNorm statistics and the
+    reconstruction should see. Other calibration sources (list files, named sets) stay letterboxed."""
+    if not Path(calib).is_dir():
+        return []
+    from ..optimize.batchnorm import training_batches
+
+    return training_batches(calib, size, imgsz, batch=CALIB_BATCH)
+
+
 def _recalibrate(model, batches, calib) -> int:
     from ..optimize.batchnorm import recalibrate_batchnorm
 
     seen = recalibrate_batchnorm(model, batches)
     err.print(f"BatchNorm statistics re-estimated on {seen} images from {calib}")
     return seen
+
+
+def _reconstruct(model, original, batches, calib) -> dict:
+    from ..optimize.reconstruct import reconstruct
+
+    with progress_bar("reconstructing layers", None) as advance:
+        report = reconstruct(model, original, batches, progress=lambda done, total: advance(1))
+    err.print(f"{report.layers} layers re-fit to the unpruned model's outputs on {report.images} images from {calib}")
+    return report.describe()
 
 
 def _few_batches(data, imgsz, model, count: int = 2, batch: int = 8):

@@ -1,0 +1,273 @@
+"""Least-squares reconstruction after pruning: each layer re-fit to reproduce the unpruned model's output.
+
+One-shot structured pruning removes inputs every next convolution was relying on, and the errors
+multiply through the network (yolov5n at 30 % fewer GFLOPs keeps ~1 % of its mAP with BatchNorm
+re-estimated). Channel-pruning work (He et al. 2017, ThiNet) answers this without labels or
+training: walk the layers in execution order and, on a few unlabelled images, solve for each
+convolution's weights so that, fed the *pruned* network's actual inputs, it reproduces the
+*original* network's output for the channels it kept. Each layer therefore also corrects what
+the layers before it got wrong. It is one linear solve per layer (seconds), not an epoch.
+
+The kept channels are found by matching BatchNorm (scale, shift) pairs with the original model's
+(pruning copies them unchanged), so any freshly pruned checkpoint can be reconstructed from the
+model it was pruned from. Each ``Conv`` block's fit ``W·x + b`` is written back as conv weights
+plus BatchNorm statistics measured on the same data, so the block is unchanged in structure and
+its BatchNorm normalises the same way in training as in evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import EdgeYoloError
+from ..model.blocks import Conv
+
+POSITIONS_PER_IMAGE = 1024  # sampled output positions per image and layer (enough rows for any layer here)
+RIDGE = 1e-3  # pull toward the pruned layer's own weights, relative to the mean input energy
+
+
+@dataclass
+class Reconstruction:
+    layers: int = 0
+    images: int = 0
+    # per layer: relative output error (residual / target energy) before → after the fit, on the fitting data
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"layers": self.layers, "images": self.images,
+                "relative_error": {k: [round(a, 4), round(b, 4)] for k, a, b in
+                                   ((k, *v) for k, v in self.errors.items())}}
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer being fitted has seen its input: the rest of the forward is waste."""
+
+
+def kept_channels(student: nn.Module, teacher: nn.Module) -> dict[str, torch.Tensor]:
+    """For every ``Conv`` block: the teacher's output-channel index of each student channel.
+
+    Pruning copies BatchNorm's (weight, bias) of the channels it keeps, so each student pair equals
+    exactly one teacher pair. Head convolutions keep all their outputs (they are not pruned)."""
+    teacher_modules = dict(teacher.named_modules())
+    kept: dict[str, torch.Tensor] = {}
+    for name, module in student.named_modules():
+        if isinstance(module, Conv):
+            original = teacher_modules.get(name)
+            if not isinstance(original, Conv) or not hasattr(module, "bn") or not hasattr(original, "bn"):
+                raise EdgeYoloError(f"reconstruction: layer {name} has no unfused counterpart in the original model")
+            kept[name] = _match_rows(module.bn, original.bn, name)
+    for i, conv in enumerate(student.detect.m):
+        kept[f"{_detect_name(student)}.m.{i}"] = torch.arange(conv.out_channels)
+    return kept
+
+
+def _match_rows(bn: nn.BatchNorm2d, original: nn.BatchNorm2d, name: str) -> torch.Tensor:
+    pairs = torch.stack([bn.weight.detach(), bn.bias.detach()], 1)
+    reference = torch.stack([original.weight.detach(), original.bias.detach()], 1)
+    equal = (pairs[:, None, :] == reference[None, :, :]).all(-1)
+    found = equal.any(1)
+    if not bool(found.all()):
+        raise EdgeYoloError(f"reconstruction: layer {name} has channels the original model does not have "
+                            "(reconstruct a freshly pruned model from the model it was pruned from)")
+    return equal.float().argmax(1)
+
+
+def _detect_name(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is model.detect:
+            return name
+    raise EdgeYoloError("reconstruction: the model has no Detect head")
+
+
+def _fitted_layers(model: nn.Module) -> dict[str, tuple[nn.Conv2d, nn.Module]]:
+    """name → (the convolution whose weights are fitted, the module whose output is the target)."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Conv):
+            layers[name] = (module.conv, module.bn)
+    head = _detect_name(model)
+    for i, conv in enumerate(model.detect.m):
+        layers[f"{head}.m.{i}"] = (conv, conv)
+    return layers
+
+
+@torch.no_grad()
+def _execution_order(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> list[str]:
+    modules = dict(model.named_modules())
+    order, handles = [], []
+    for name in names:
+        conv = _fitted_layers_conv(modules, name)
+        handles.append(conv.register_forward_pre_hook(lambda m, args, name=name: order.append(name)))
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _fitted_layers_conv(modules: dict, name: str) -> nn.Conv2d:
+    module = modules[name]
+    return module.conv if isinstance(module, Conv) else module
+
+
+def _positions(count: int, layer: int, batch: int, per_image: int, images: int) -> torch.Tensor:
+    """Sampled flat (image, position) indices, the same for teacher and student of one layer and batch."""
+    generator = torch.Generator().manual_seed(layer * 100_003 + batch)
+    take = min(per_image, count)
+    picks = [torch.randperm(count, generator=generator)[:take] + i * count for i in range(images)]
+    return torch.cat(picks)
+
+
+def _columns(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col of ``x`` for ``conv``: (N·L, Cin·kh·kw)."""
+    cols = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@torch.no_grad()
+def reconstruct(student: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor], *,
+                positions_per_image: int = POSITIONS_PER_IMAGE, ridge: float = RIDGE,
+                progress: Callable[[int, int], None] | None = None) -> Reconstruction:
+    """Re-fit every convolution of ``student`` (pruned from ``teacher``) in place, in execution order.
+
+    ``batches``: float NCHW tensors in 0..1 (unlabelled images, letterboxed as for inference).
+    Both models end in eval mode; the teacher is not changed."""
+    batches = list(batches)
+    if not batches:
+        raise EdgeYoloError("reconstruction needs calibration images")
+    student.eval()
+    teacher.eval()
+    kept = kept_channels(student, teacher)
+    student_layers, teacher_layers = _fitted_layers(student), _fitted_layers(teacher)
+    for name, (conv, _) in student_layers.items():
+        if conv.groups != 1:
+            raise EdgeYoloError(f"reconstruction: grouped convolution {name} is not supported")
+    order = _execution_order(student, list(student_layers), batches[0][:1])
+    targets = _teacher_targets(teacher, teacher_layers, order, kept, batches, positions_per_image)
+    report = Reconstruction(images=sum(int(b.shape[0]) for b in batches))
+    for index, name in enumerate(order):
+        conv, _ = student_layers[name]
+        gram, cross, energy, count = _normal_equations(student, conv, batches, targets[name], index,
+                                                       positions_per_image)
+        before = _residual(_current_weights(student, name), gram, cross, energy)
+        weights = _solve(gram, cross, _current_weights(student, name), ridge)
+        after = _residual(weights, gram, cross, energy)
+        _write_back(student, name, weights, gram, count)
+        report.errors[name] = (before, after)
+        report.layers += 1
+        if progress is not None:
+            progress(index + 1, len(order))
+    student.eval()
+    return report
+
+
+def _teacher_targets(teacher, layers, order, kept, batches, per_image) -> dict[str, list[torch.Tensor]]:
+    """Teacher outputs (the kept channels) at the sampled positions, per layer and batch: one teacher pass."""
+    targets: dict[str, list[torch.Tensor]] = {name: [] for name in order}
+    current = {"batch": 0}
+    handles = []
+    for index, name in enumerate(order):
+        _, output_module = layers[name]
+
+        def hook(module, args, output, name=name, index=index):
+            n, c, h, w = output.shape
+            flat = output.permute(0, 2, 3, 1).reshape(-1, c)[:, kept[name]]
+            picks = _positions(h * w, index, current["batch"], per_image, n)
+            targets[name].append(flat[picks].float())
+        handles.append(output_module.register_forward_hook(hook))
+    try:
+        for b, batch in enumerate(batches):
+            current["batch"] = b
+            teacher(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return targets
+
+
+def _normal_equations(student, conv, batches, targets, index, per_image):
+    """AᵀA, AᵀY and Σ‖Y‖² over every batch, A = [im2col(student input), 1] at the sampled positions."""
+    gram = cross = None
+    energy, count = 0.0, 0
+    captured = {}
+
+    def hook(module, args):
+        captured["x"] = args[0]
+        raise _Stop
+
+    handle = conv.register_forward_pre_hook(hook)
+    try:
+        for b, batch in enumerate(batches):
+            try:
+                student(batch)
+            except _Stop:
+                pass
+            x = captured.pop("x")
+            cols = _columns(conv, x)
+            per = cols.shape[0] // x.shape[0]
+            picks = _positions(per, index, b, per_image, x.shape[0])
+            a = torch.cat([cols[picks].double(), torch.ones(len(picks), 1, dtype=torch.float64)], 1)
+            y = targets[b].double()
+            gram = a.T @ a if gram is None else gram + a.T @ a
+            cross = a.T @ y if cross is None else cross + a.T @ y
+            energy += float((y * y).sum())
+            count += len(picks)
+    finally:
+        handle.remove()
+    return gram, cross, energy, count
+
+
+def _current_weights(student, name) -> torch.Tensor:
+    """The layer as it is now, as one (Cin·k·k + 1, Cout) matrix of ``W·x + b`` (BatchNorm folded in)."""
+    module = dict(student.named_modules())[name]
+    conv = module.conv if isinstance(module, Conv) else module
+    weight = conv.weight.detach().double().reshape(conv.out_channels, -1)
+    if isinstance(module, Conv):
+        bn = module.bn
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        bias = bn.bias.double() - bn.running_mean.double() * scale
+        weight = weight * scale[:, None]
+    else:
+        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels,
+                                                                                     dtype=torch.float64)
+    return torch.cat([weight, bias[:, None]], 1).T
+
+
+def _solve(gram, cross, prior, ridge) -> torch.Tensor:
+    """argmin ‖A·W − Y‖² + λ‖W − prior‖² (λ relative to A's mean energy per column)."""
+    lam = ridge * float(torch.diagonal(gram).mean())
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + lam * eye, cross + lam * prior)
+
+
+def _residual(weights, gram, cross, energy) -> float:
+    """‖A·W − Y‖² / ‖Y‖² from the normal equations alone."""
+    value = float((weights * (gram @ weights)).sum() - 2 * (weights * cross).sum() + energy)
+    return max(value, 0.0) / max(energy, 1e-12)
+
+
+def _write_back(student, name, weights, gram, count) -> None:
+    """Store the fit ``W·x + b``: head convs directly; ``Conv`` blocks as conv weights + BatchNorm whose
+    statistics are those of ``W·x`` on the fitting data, and whose affine part restores ``W·x + b``."""
+    module = dict(student.named_modules())[name]
+    conv = module.conv if isinstance(module, Conv) else module
+    weight, bias = weights[:-1].T, weights[-1]
+    conv.weight.copy_(weight.reshape(conv.weight.shape).to(conv.weight.dtype))
+    if not isinstance(module, Conv):
+        conv.bias.copy_(bias.to(conv.bias.dtype))
+        return
+    moments = gram / count  # E[a aᵀ], the last column the means of the inputs
+    mean_x = moments[:-1, -1]
+    covariance = moments[:-1, :-1] - torch.outer(mean_x, mean_x)
+    mean = weight @ mean_x
+    variance = ((weight @ covariance) * weight).sum(1).clamp_min(0)
+    bn = module.bn
+    bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+    bn.running_var.copy_(variance.to(bn.running_var.dtype))
+    bn.weight.copy_(torch.sqrt(variance + bn.eps).to(bn.weight.dtype))
+    bn.bias.copy_((bias + mean).to(bn.bias.dtype))
