@@ -76,6 +76,23 @@ def test_identical_models_have_zero_response_loss(teacher, batch):
     assert parts[:3].abs().max() < 1e-5
 
 
+def test_adapters_start_as_the_least_squares_map(teacher, batch):
+    """A twin's features are the teacher's: the fitted adapters are the identity and imitation starts at ~0
+    (a random adapter would start it far from 0 and pull a good student's features toward noise)."""
+    images, _ = batch
+    twin = copy.deepcopy(teacher)
+    loss_fn = DistillLoss(teacher, twin)
+    t_tap = NeckTap(teacher)
+    assert not loss_fn.adapters_fitted
+    with torch.no_grad():
+        maps = teacher(images)
+        mask = loss_fn._mask(maps[0].float(), 0, None, images.shape[0])
+        random_start = loss_fn._imitation(loss_fn.adapters[0](t_tap.features[0]), t_tap.features[0], mask)
+        _, parts = loss_fn(maps, maps, t_tap.features, t_tap.features, None)
+    assert loss_fn.adapters_fitted
+    assert float(random_start) > 0.1 and float(parts[3]) < 1e-3 * float(random_start)
+
+
 def test_label_mask_marks_object_cells(teacher, student):
     loss_fn = DistillLoss(teacher, student)
     targets = torch.tensor([[0, 0, 0.5, 0.5, 0.2, 0.2]])

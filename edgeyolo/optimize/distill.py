@@ -11,7 +11,9 @@ Two terms, both computed on the same augmented batch the student trains on:
   P3/P4/P5 neck outputs that feed the head: a 1×1 adapter maps each student map to the
   teacher's width, and the squared error counts only at object locations — cells whose anchors
   overlap a label box by ≥ ψ·(best IoU of that box), or, label-free, cells where the teacher is
-  confident.
+  confident. The adapters start as the least-squares map from the student's features to the
+  teacher's on the first batch: a random start would make the student's features chase a random
+  projection (its gradient is noise) while a pretrained or pruned student is still good.
 
 Teacher and student may differ in width, depth and activation: only the head's layout must match.
 """
@@ -86,11 +88,32 @@ class DistillLoss(nn.Module):
         self.register_buffer("strides", head.stride.detach().clone().float())
         self.adapters = nn.ModuleList(
             nn.Conv2d(cs, ct, 1) for cs, ct in zip(neck_widths(student), neck_widths(teacher)))
+        self.register_buffer("adapters_fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit_adapters(self, student_feats, teacher_feats, ridge: float = 1e-3) -> None:
+        """Each adapter := argmin ‖W·s + b − t‖² over every cell of the batch (ridge relative to the
+        mean feature energy); in a distributed run rank 0's fit is shared so the ranks agree."""
+        for adapter, s, t in zip(self.adapters, student_feats, teacher_feats):
+            x = s.detach().double().permute(0, 2, 3, 1).reshape(-1, s.shape[1])
+            y = t.detach().double().permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+            a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+            gram = a.T @ a
+            lam = ridge * float(torch.diagonal(gram).mean())
+            w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), a.T @ y)
+            adapter.weight.copy_(w[:-1].T.reshape(adapter.weight.shape).to(adapter.weight.dtype))
+            adapter.bias.copy_(w[-1].to(adapter.bias.dtype))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in self.adapters.parameters():
+                torch.distributed.broadcast(p.data, 0)
+        self.adapters_fitted.fill_(True)
 
     def forward(self, student_maps, teacher_maps, student_feats, teacher_feats,
                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss per image summed over parts, and the detached parts ``[obj, cls, box, feature]``."""
         parts = torch.zeros(4, device=student_maps[0].device)
+        if not bool(self.adapters_fitted):
+            self.fit_adapters(student_feats, teacher_feats)
         for i, (s, t) in enumerate(zip(student_maps, teacher_maps)):
             t = t.detach().float()
             s = s.float()
