@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import FIXTURES, ensure_bundles, run_interleaved, target_bench_parser  # noqa: E402
 
 RECOVERY_ROWS = ("fine-tune", "distill-label-free", "distill-labels", "relu")
+START_POINTS = ("sensitivity", "uniform", "sensitivity-reconstructed", "uniform-reconstructed")
+RECONSTRUCTED = " + reconstruction"
 
 
 def parse_args(argv=None):
@@ -43,7 +45,10 @@ def parse_args(argv=None):
                         help="Seeded fraction of --tune held out to pick best (never trained on).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=2, help="Recovery budget: epochs.")
-    parser.add_argument("--lr0", type=float, default=0.001, help="Recovery budget: AdamW LR (no warm-up).")
+    parser.add_argument("--lr0", type=float, default=0.001, help="Recovery budget: learning rate.")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw", help="Recovery budget: optimiser.")
+    parser.add_argument("--warmup-epochs", type=float, default=0.0,
+                        help="Recovery budget: warm-up epochs (YOLOv5's: at least 100 iterations when > 0).")
     parser.add_argument("--imgsz", type=int, default=640, help="Recovery budget: training image size.")
     parser.add_argument("--batch", type=int, default=16, help="Recovery budget: batch (one optimiser step each).")
     parser.add_argument("--temperature", type=float, default=2.0, help="Distillation temperature.")
@@ -57,8 +62,15 @@ def parse_args(argv=None):
     parser.add_argument("--sensitivity-images", type=int, default=32,
                         help="Tune-train images the sensitivity allocation measures each group's damage on.")
     parser.add_argument("--sensitivity-imgsz", type=int, default=320, help="Their letterbox size.")
-    parser.add_argument("--recover-from", choices=("sensitivity", "uniform"), default="sensitivity",
-                        help="Which 30%%-GFLOPs model the recovery rows start from.")
+    parser.add_argument("--sensitivity-row", action="store_true",
+                        help="Also the sensitivity-allocated 30%% model when recovery does not start from it.")
+    parser.add_argument("--warmup-bias-lr", type=float, default=0.1,
+                        help="Recovery budget: the bias LR warm-up starts from (YOLOv5: 0.1; 0 = no spike).")
+    parser.add_argument("--reconstruct-images", type=int, default=64,
+                        help="Tune-train images (at 640) the reconstruction rows fit every layer on.")
+    parser.add_argument("--recover-from", choices=START_POINTS, default="sensitivity",
+                        help="Which 30%%-GFLOPs model the recovery rows start from (…-reconstructed: after "
+                             "least-squares reconstruction; the relu row then starts from the reconstructed swap).")
     parser.add_argument("--recovery", default=",".join(RECOVERY_ROWS),
                         help="Comma-separated recovery rows to train and report (%(default)s).")
     return parser.parse_args(argv)
@@ -85,13 +97,11 @@ def split_tune(args, out: Path) -> tuple[Path, Path]:
 
 
 def recalibrated(model, images: Path, size: int):
-    """One-shot pruning shifts every next layer's input mean: BatchNorm statistics re-estimated (no labels)."""
-    from edgeyolo.calibration import load_calibration
-    from edgeyolo.optimize.batchnorm import letterboxed_batches, recalibrate_batchnorm
-    from edgeyolo.runtime.preprocess import LetterboxSettings
+    """One-shot pruning shifts every next layer's input mean: BatchNorm statistics re-estimated (no labels)
+    on mosaics of tune-train images, the distribution the statistics belong to."""
+    from edgeyolo.optimize.batchnorm import recalibrate_batchnorm, training_batches
 
-    calib = load_calibration(images, LetterboxSettings(imgsz=(640, 640)), size=size)
-    recalibrate_batchnorm(model, letterboxed_batches(calib.letterboxed))
+    recalibrate_batchnorm(model, training_batches(images, size, 640))
     return model
 
 
@@ -106,6 +116,13 @@ def calibration_batches(images: Path, size: int, imgsz: int) -> list:
 
 def pruned_name(fraction: int, round_to: int, allocation: str = "uniform") -> str:
     return f"pruned-{fraction}%-gflops r{round_to}" + (" sensitivity" if allocation == "sensitivity" else "")
+
+
+def start_name(recover_from: str, round_to: int) -> str:
+    """The variant a recovery run starts from (``…-reconstructed``: that model after reconstruction)."""
+    allocation = recover_from.replace("-reconstructed", "")
+    name = pruned_name(30, round_to, allocation)
+    return name + RECONSTRUCTED if recover_from.endswith("-reconstructed") else name
 
 
 def make_variants(args, out: Path, tune_train: Path) -> dict[str, Path]:
@@ -131,12 +148,28 @@ def make_variants(args, out: Path, tune_train: Path) -> dict[str, Path]:
             return recalibrated(result.model, images, n), choice
         return make
 
+    def reconstructed(source):
+        def make(_):
+            from edgeyolo.optimize.reconstruct import reconstruct
+
+            from edgeyolo.optimize.batchnorm import training_batches
+
+            model = load_model(variants[source]).model.float().eval()
+            fit = training_batches(images, args.reconstruct_images, 640, seed=1)
+            report = reconstruct(model, copy.deepcopy(base), fit)
+            return model, {"reconstruction": report.describe()}
+        return make
+
     specs = {"zeroing-30%": lambda m: zero_smallest(m, 0.3),
              pruned_name(30, rr): pruned(0.7, rr),
-             pruned_name(30, rr, "sensitivity"): pruned(0.7, rr, "sensitivity"),
              pruned_name(50, r): pruned(0.5, r),
              pruned_name(50, 8): pruned(0.5, 8),
              "relu swap": lambda m: swap_activation(m, "relu")}
+    if args.recover_from.startswith("sensitivity") or args.sensitivity_row:
+        specs[pruned_name(30, rr, "sensitivity")] = pruned(0.7, rr, "sensitivity")
+    if "reconstructed" in args.recover_from:
+        for source in (start_name(args.recover_from.replace("-reconstructed", ""), rr), "relu swap"):
+            specs[source + RECONSTRUCTED] = reconstructed(source)
     for name, make in specs.items():
         path = out / "weights" / f"{name.replace(' ', '_')}.safetensors"
         if not path.exists():
@@ -158,15 +191,17 @@ def recovery_variants(args, out: Path, variants: dict[str, Path], tune_train: Pa
     from edgeyolo.train.hyp import load_hyp
     from edgeyolo.train.trainer import TrainConfig, Trainer
 
-    start = str(variants[pruned_name(30, args.recover_round_to, args.recover_from)])
+    start = str(variants[start_name(args.recover_from, args.recover_round_to)])
+    relu_start = str(variants["relu swap" + (RECONSTRUCTED if "reconstructed" in args.recover_from else "")])
     kd = DistillWeights(temperature=args.temperature, feature=args.feature_gain)
-    prefix = f"pruned-30% {args.recover_from}" if args.recover_from == "sensitivity" else "pruned-30%"
+    prefix = f"pruned-30% {args.recover_from}" if args.recover_from != "uniform" else "pruned-30%"
     runs = {
         "fine-tune": (f"{prefix} + fine-tune", lambda c: Trainer(c)),
         "distill-label-free": (f"{prefix} + distill (label-free)",
                                lambda c: DistillTrainer(c, args.weights, label_free=True, weights=kd)),
         "distill-labels": (f"{prefix} + distill + labels", lambda c: DistillTrainer(c, args.weights, weights=kd)),
-        "relu": ("relu + distill + labels", lambda c: DistillTrainer(c, args.weights, weights=kd)),
+        "relu": ("relu" + (" reconstructed" if "reconstructed" in args.recover_from else "") + " + distill + labels",
+                 lambda c: DistillTrainer(c, args.weights, weights=kd)),
     }
     chosen = [key.strip() for key in args.recovery.split(",") if key.strip()]
     unknown = sorted(set(chosen) - set(runs))
@@ -176,11 +211,13 @@ def recovery_variants(args, out: Path, variants: dict[str, Path], tune_train: Pa
     for name, make in (runs[key] for key in chosen):
         run = out / "runs" / name.replace(" ", "").replace("+", "_").replace("(", "").replace(")", "")
         if not (run / "best.safetensors").exists():
-            weights = str(variants["relu swap"]) if name.startswith("relu") else start
+            weights = relu_start if name.startswith("relu") else start
             data = str(tune_train / "images") if "label-free" in name else str(tune_train)
             config = TrainConfig(weights=weights, data=data, out=str(run), epochs=args.epochs, imgsz=args.imgsz,
                                  batch=args.batch, nominal_batch=args.batch, val_data=str(hold), seed=args.seed,
-                                 hyp=load_hyp(None, {"lr0": args.lr0, "warmup_epochs": 0}), optimizer="adamw",
+                                 hyp=load_hyp(None, {"lr0": args.lr0, "warmup_epochs": args.warmup_epochs,
+                                                        "warmup_bias_lr": args.warmup_bias_lr}),
+                                 optimizer=args.optimizer,
                                  workers=1, command=f"bench_compress {name}")
             began = time.perf_counter()
             make(config).train()
@@ -216,7 +253,11 @@ def accuracy(bundle: Path, val: str) -> dict:
     return found
 
 
-ARM_ROWS = ("baseline", "relu + distill + labels")  # the INT8-friendliness question
+def is_arm_row(name: str) -> bool:
+    """The INT8-friendliness question: the baseline and the distilled ReLU model."""
+    return name == "baseline" or (name.startswith("relu") and "distill" in name)
+
+
 # The untrained ReLU swap scores every anchor and class above the eval threshold (0.001): its NMS over
 # millions of candidates per image runs for many minutes here, for a result of ~0. Timed, not evaluated.
 NO_EVAL_ROWS = ("relu swap",)
@@ -224,7 +265,7 @@ NO_EVAL_ROWS = ("relu swap",)
 
 def row_targets(name: str, args) -> list[str]:
     targets = ["intel-cpu-fp32"] + (["intel-cpu-int8"] if args.int8 else [])
-    return targets + (["arm-fp32", "arm-int8"] if args.arm and name in ARM_ROWS else [])
+    return targets + (["arm-fp32", "arm-int8"] if args.arm and is_arm_row(name) else [])
 
 
 def int8_drops(row: dict) -> dict:
@@ -269,7 +310,7 @@ def main(argv=None) -> None:
             rows[name]["training"] = training_facts(weights)
         if args.eval and name not in NO_EVAL_ROWS:  # INT8 accuracy where the drop is the question (time: every evaluation is minutes here)
             rows[name]["accuracy"] = {target: accuracy(path, args.val) for target, path in built.items()
-                                      if target == "intel-cpu-fp32" or name in ARM_ROWS or args.eval_int8_all}
+                                      if target == "intel-cpu-fp32" or is_arm_row(name) or args.eval_int8_all}
             rows[name]["int8_drop"] = int8_drops(rows[name])
         print(f"{name}: {json.dumps(rows[name])}", file=sys.stderr, flush=True)
     timings = run_interleaved(bundles, args)
@@ -283,10 +324,12 @@ def main(argv=None) -> None:
     budget = {"train_data": f"{tune_train} ({len(list((tune_train / 'images').iterdir()))} images of {args.tune})",
               "held_out": f"{hold} (seeded {args.hold_out:.0%}, seed {args.seed}): picks best",
               "epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch,
-              "optimizer": f"adamw lr0 {args.lr0}, linear decay, no warm-up, one step per batch",
+              "optimizer": f"{args.optimizer} lr0 {args.lr0}, linear decay, warm-up {args.warmup_epochs:g} epochs "
+                           f"(bias LR from {args.warmup_bias_lr:g}), "
+                           "one step per batch",
               "distill": {"temperature": args.temperature, "feature_gain": args.feature_gain},
-              "start": f"{pruned_name(30, args.recover_round_to, args.recover_from)} "
-                       "(relu row: the relu swap of the baseline)",
+              "start": f"{start_name(args.recover_from, args.recover_round_to)} "
+                       f"(relu row: {Path(relu_start).stem})",
               "rows": args.recovery,
               "teacher": args.weights} if args.train else "recovery rows not run (--train)"
     report = {"rows": rows, "round_to": args.round_to, "recovery_budget": budget, "rounds": args.rounds,
