@@ -329,7 +329,7 @@ def main(argv=None) -> None:
                            "one step per batch",
               "distill": {"temperature": args.temperature, "feature_gain": args.feature_gain},
               "start": f"{start_name(args.recover_from, args.recover_round_to)} "
-                       f"(relu row: {Path(relu_start).stem})",
+                       f"(relu row: relu swap{RECONSTRUCTED if 'reconstructed' in args.recover_from else ''})",
               "rows": args.recovery,
               "teacher": args.weights} if args.train else "recovery rows not run (--train)"
     report = {"rows": rows, "round_to": args.round_to, "recovery_budget": budget, "rounds": args.rounds,
