@@ -66,14 +66,18 @@ def prune(weights, ratio, target_flops, out, importance, global_pruning, allocat
             recover = _recover_with_trainer(data, imgsz, recover_epochs, Path(out))
     from ..optimize.allocate import SENSITIVITY_IMAGES
 
-    images = _calibration_batches(calib, calib_size, imgsz) if calib else []
+    # mosaics for BatchNorm and reconstruction (a folder); letterboxes for the sensitivity
+    # measurement and for calibration sources that are not a folder
+    fitting = _training_like_batches(calib, calib_size, imgsz) if calib else []
+    images = _calibration_batches(calib, calib_size, imgsz) \
+        if calib and (allocation == "sensitivity" or not fitting) else []
+    fitting = fitting or images
     sensitivity_images = images[:max(1, SENSITIVITY_IMAGES // CALIB_BATCH)]
     with contextlib.ExitStack() as stack:
         result = pruning.prune(model, ratio=ratio, target_gflops=target_flops, importance=importance,
                                global_pruning=global_pruning, round_to=round_to if round_to > 1 else None,
                                loss_fn=loss_fn, recover=recover, iterative=iterative, allocation=allocation,
                                images=sensitivity_images, progress=_late_progress_bar(stack, "measuring damage"))
-    fitting = _training_like_batches(calib, calib_size, imgsz) or images if calib else []
     recalibrated = _recalibrate(result.model, fitting, calib) if calib and not reconstruct else 0
     meta = {"pruned_from": str(weights), "ratio": result.ratio, "importance": importance, "global": global_pruning,
             "allocation": allocation, "batchnorm_recalibrated_on": recalibrated}

@@ -78,6 +78,6 @@ def training_batches(images, count: int, imgsz: int, batch: int = 8, seed: int =
     train = load_image_folder(images).train
     samples = TrainSet(train, imgsz, Augmenter(load_hyp(None), imgsz, "default", seed=seed), nc=1)
     rng = np.random.default_rng(seed)
-    picks = rng.permutation(len(samples))[:count] if count < len(samples) else rng.permutation(len(samples))
+    picks = rng.permutation(len(samples))[:count]
     images_ = [samples[int(i)][0] for i in picks]
     return [torch.stack(images_[i:i + batch]).float().div_(255.0) for i in range(0, len(images_), batch)]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgeYoloError
-from ..model.blocks import Conv
+from ..model.blocks import Conv, fuse_conv_bn
 
 POSITIONS_PER_IMAGE = 1024  # sampled output positions per image and layer (enough rows for any layer here)
 RIDGE = 1e-3  # pull toward the pruned layer's own weights, relative to the mean input energy
@@ -83,36 +83,36 @@ def _detect_name(model: nn.Module) -> str:
     raise EdgeYoloError("reconstruction: the model has no Detect head")
 
 
-def _fitted_layers(model: nn.Module) -> dict[str, tuple[nn.Conv2d, nn.Module]]:
-    """name → (the convolution whose weights are fitted, the module whose output is the target)."""
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Conv):
-            layers[name] = (module.conv, module.bn)
+def _fitted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """name → the layer whose fit is ``W·x + b``: a ``Conv`` block (target: its BatchNorm's output)
+    or a head convolution (target: its own output)."""
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, Conv)}
     head = _detect_name(model)
-    for i, conv in enumerate(model.detect.m):
-        layers[f"{head}.m.{i}"] = (conv, conv)
+    layers.update({f"{head}.m.{i}": conv for i, conv in enumerate(model.detect.m)})
     return layers
 
 
+def _conv(layer: nn.Module) -> nn.Conv2d:
+    """The convolution whose weights a layer's fit replaces."""
+    return layer.conv if isinstance(layer, Conv) else layer
+
+
+def _target(layer: nn.Module) -> nn.Module:
+    """The module whose output the fit reproduces (before the activation)."""
+    return layer.bn if isinstance(layer, Conv) else layer
+
+
 @torch.no_grad()
-def _execution_order(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> list[str]:
-    modules = dict(model.named_modules())
-    order, handles = [], []
-    for name in names:
-        conv = _fitted_layers_conv(modules, name)
-        handles.append(conv.register_forward_pre_hook(lambda m, args, name=name: order.append(name)))
+def _execution_order(model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor) -> list[str]:
+    order = []
+    handles = [_conv(layer).register_forward_pre_hook(lambda m, args, name=name: order.append(name))
+               for name, layer in layers.items()]
     try:
         model(example)
     finally:
         for h in handles:
             h.remove()
     return order
-
-
-def _fitted_layers_conv(modules: dict, name: str) -> nn.Conv2d:
-    module = modules[name]
-    return module.conv if isinstance(module, Conv) else module
 
 
 def _positions(count: int, layer: int, batch: int, per_image: int, images: int) -> torch.Tensor:
@@ -135,7 +135,8 @@ def reconstruct(student: nn.Module, teacher: nn.Module, batches: Iterable[torch.
                 progress: Callable[[int, int], None] | None = None) -> Reconstruction:
     """Re-fit every convolution of ``student`` (pruned from ``teacher``) in place, in execution order.
 
-    ``batches``: float NCHW tensors in 0..1 (unlabelled images, letterboxed as for inference).
+    ``batches``: float NCHW tensors in 0..1 (unlabelled images; training mosaics, see
+    ``batchnorm.training_batches``, so the written BatchNorm statistics are training's).
     Both models end in eval mode; the teacher is not changed."""
     batches = list(batches)
     if not batches:
@@ -144,20 +145,21 @@ def reconstruct(student: nn.Module, teacher: nn.Module, batches: Iterable[torch.
     teacher.eval()
     kept = kept_channels(student, teacher)
     student_layers, teacher_layers = _fitted_layers(student), _fitted_layers(teacher)
-    for name, (conv, _) in student_layers.items():
-        if conv.groups != 1:
+    for name, layer in student_layers.items():
+        if _conv(layer).groups != 1:
             raise EdgeYoloError(f"reconstruction: grouped convolution {name} is not supported")
-    order = _execution_order(student, list(student_layers), batches[0][:1])
+    order = _execution_order(student, student_layers, batches[0][:1])
     targets = _teacher_targets(teacher, teacher_layers, order, kept, batches, positions_per_image)
     report = Reconstruction(images=sum(int(b.shape[0]) for b in batches))
     for index, name in enumerate(order):
-        conv, _ = student_layers[name]
-        gram, cross, energy, count = _normal_equations(student, conv, batches, targets[name], index,
+        layer = student_layers[name]
+        gram, cross, energy, count = _normal_equations(student, _conv(layer), batches, targets[name], index,
                                                        positions_per_image)
-        before = _residual(_current_weights(student, name), gram, cross, energy)
-        weights = _solve(gram, cross, _current_weights(student, name), ridge)
+        current = _current_weights(layer)
+        before = _residual(current, gram, cross, energy)
+        weights = _solve(gram, cross, current, ridge)
         after = _residual(weights, gram, cross, energy)
-        _write_back(student, name, weights, gram, count)
+        _write_back(layer, weights, gram, count)
         report.errors[name] = (before, after)
         report.layers += 1
         if progress is not None:
@@ -172,14 +174,12 @@ def _teacher_targets(teacher, layers, order, kept, batches, per_image) -> dict[s
     current = {"batch": 0}
     handles = []
     for index, name in enumerate(order):
-        _, output_module = layers[name]
-
         def hook(module, args, output, name=name, index=index):
             n, c, h, w = output.shape
             flat = output.permute(0, 2, 3, 1).reshape(-1, c)[:, kept[name]]
             picks = _positions(h * w, index, current["batch"], per_image, n)
             targets[name].append(flat[picks].float())
-        handles.append(output_module.register_forward_hook(hook))
+        handles.append(_target(layers[name]).register_forward_hook(hook))
     try:
         for b, batch in enumerate(batches):
             current["batch"] = b
@@ -222,19 +222,12 @@ def _normal_equations(student, conv, batches, targets, index, per_image):
     return gram, cross, energy, count
 
 
-def _current_weights(student, name) -> torch.Tensor:
+def _current_weights(layer: nn.Module) -> torch.Tensor:
     """The layer as it is now, as one (Cin·k·k + 1, Cout) matrix of ``W·x + b`` (BatchNorm folded in)."""
-    module = dict(student.named_modules())[name]
-    conv = module.conv if isinstance(module, Conv) else module
+    conv = fuse_conv_bn(layer.conv, layer.bn) if isinstance(layer, Conv) else layer
     weight = conv.weight.detach().double().reshape(conv.out_channels, -1)
-    if isinstance(module, Conv):
-        bn = module.bn
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        bias = bn.bias.double() - bn.running_mean.double() * scale
-        weight = weight * scale[:, None]
-    else:
-        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels,
-                                                                                     dtype=torch.float64)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels,
+                                                                                 dtype=torch.float64)
     return torch.cat([weight, bias[:, None]], 1).T
 
 
@@ -251,11 +244,10 @@ def _residual(weights, gram, cross, energy) -> float:
     return max(value, 0.0) / max(energy, 1e-12)
 
 
-def _write_back(student, name, weights, gram, count) -> None:
+def _write_back(module: nn.Module, weights, gram, count) -> None:
     """Store the fit ``W·x + b``: head convs directly; ``Conv`` blocks as conv weights + BatchNorm whose
     statistics are those of ``W·x`` on the fitting data, and whose affine part restores ``W·x + b``."""
-    module = dict(student.named_modules())[name]
-    conv = module.conv if isinstance(module, Conv) else module
+    conv = _conv(module)
     weight, bias = weights[:-1].T, weights[-1]
     conv.weight.copy_(weight.reshape(conv.weight.shape).to(conv.weight.dtype))
     if not isinstance(module, Conv):
