@@ -262,6 +262,10 @@ CANDIDATES = {
                                             "bias_correction": False}),
     "cpu-ort-all-percentile-bc": ("cpu-int8", {**ALL_INT8, "method": "percentile", "percentile": 99.99,
                                                "bias_correction": True}),
+    # least-squares weight re-fit (optimize/qat/refit.py) at four ridge strengths
+    **{f"cpu-ort-all-mean-minmax-refit-r{ridge}": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "refit": True,
+                                                              "refit_ridge": float(ridge)})
+       for ridge in ("1e-2", "1e-1", "1", "10")},
     "intel-today": ("intel-cpu-int8", TODAY["intel-cpu-int8"]),
     "intel-histogram-full-bc": ("intel-cpu-int8", {"openvino_activations_range": "histogram",
                                                    "openvino_fast_bias_correction": False}),

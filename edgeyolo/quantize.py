@@ -60,12 +60,18 @@ class QuantizeSettings:
     float_from_stride: int = DEFAULT_FLOAT_STRIDE  # layers at this output stride or coarser stay float; 0: none
     keep_float: tuple[str, ...] = ()  # layers (blocks such as "model.8", or node names) left in float
     bias_correction: bool = False  # take each convolution's own INT8 mean error out of its bias
+    refit: bool = False  # re-fit each convolution's weights for its quantised inputs (``refit_weights``)
+    refit_ridge: float = 1.0  # how strongly the re-fit stays near the FP32 weights
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise EdgeYoloError(f"calibration method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if not isinstance(self.bias_correction, bool):
             raise EdgeYoloError(f"bias_correction must be true or false, not {self.bias_correction!r}")
+        if not isinstance(self.refit, bool):
+            raise EdgeYoloError(f"refit must be true or false, not {self.refit!r}")
+        if not (isinstance(self.refit_ridge, (int, float)) and 0 < self.refit_ridge <= 10):
+            raise EdgeYoloError(f"refit_ridge must be a number in (0, 10], not {self.refit_ridge!r}")
         if not 90.0 <= self.percentile < 100.0:
             raise EdgeYoloError(f"calibration percentile must be in [90, 100), not {self.percentile}")
         if self.float_from_stride < 0:
@@ -81,10 +87,13 @@ class QuantizeSettings:
                    percentile=float(calib.get("percentile", DEFAULT_PERCENTILE)),
                    float_from_stride=int(calib.get("float_from_stride", DEFAULT_FLOAT_STRIDE)),
                    keep_float=_as_names(calib.get("keep_float", ())),
-                   bias_correction=calib.get("bias_correction", False))
+                   bias_correction=calib.get("bias_correction", False),
+                   refit=calib.get("refit", False), refit_ridge=calib.get("refit_ridge", 1.0))
 
     def describe(self) -> str:
         method = f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
+        if self.refit:
+            return method + f", least-squares weight re-fit (ridge {self.refit_ridge:g})"
         return method + (", bias correction" if self.bias_correction else "")
 
 
@@ -191,7 +200,12 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
     kept = kept_nodes(model, settings.keep_float)
     ranges = calibrate_ranges(src, calibration, settings)
     qdq, removed = write_qdq(src, ranges, settings, extra_float=kept)
-    corrected = correct_biases(qdq, src, calibration) if settings.bias_correction else 0
+    refit = {}
+    if settings.refit:  # the re-fit solves each bias too: bias correction is part of it
+        qdq, removed, refit = refit_weights(src, qdq, ranges, settings, kept, calibration)
+        corrected = 0
+    else:
+        corrected = correct_biases(qdq, src, calibration) if settings.bias_correction else 0
     onnx.checker.check_model(qdq)
     tmp = dst.with_name(dst.name + ".tmp")
     onnx.save(qdq, str(tmp))
@@ -203,6 +217,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
         "method": settings.method,
         **({"percentile": settings.percentile} if settings.method == "percentile" else {}),
         "bias_corrected_convs": corrected,
+        **({"refit": refit} if refit else {}),
         "weights": "int8 symmetric per-channel",
         "activations": "int8 symmetric per-tensor (stored uint8, zero point 128)",
         "images": len(calibration),
@@ -278,6 +293,25 @@ def write_qdq(src: Path, ranges: Ranges, settings: QuantizeSettings, extra_float
     read_float_inputs(qdq, extra_float)
     _tag(qdq, model, settings)
     return qdq, removed
+
+
+def refit_weights(src: Path, qdq, ranges: Ranges, settings: QuantizeSettings, kept, calibration):
+    """The Q/DQ graph written again from weights re-fit for their quantised inputs; (model, removed, facts).
+
+    Each convolution, in execution order, is solved (ridge least squares, toward its FP32 weights)
+    to reproduce the FP32 graph's output from the inputs the Q/DQ graph really gives it
+    (``optimize/qat/refit.py``, torch). The placement and ranges stay; the weights change.
+    """
+    try:
+        from .optimize.qat.refit import refit_onnx
+    except ImportError as exc:
+        raise EdgeYoloError(f"the weight re-fit ([calibration] refit = true) needs torch ({exc.name} is missing): "
+                            "pip install 'edgeyolo[export]', or set refit = false") from exc
+    with tempfile.TemporaryDirectory(prefix=f"edgeyolo-refit-{os.getpid()}-") as work:
+        refit_src = Path(work) / "refit.onnx"
+        report = refit_onnx(src, qdq, calibration, refit_src, ridge=settings.refit_ridge)
+        qdq, removed = write_qdq(refit_src, ranges, settings, extra_float=kept)
+    return qdq, removed, {**report.describe(), "ridge": settings.refit_ridge}
 
 
 def correct_biases(qdq, src: Path, calibration) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -117,16 +118,35 @@ def qdq_sensitivity(onnx_path: Path, calibration, inputs: list[np.ndarray], sett
     decode = set(split_head(model).decode)
     candidates = candidates or [name for name in layers(model)
                                 if not set(kept_nodes(model, [name])) <= decode]
+    with tempfile.TemporaryDirectory(prefix="edgeyolo-sensitivity-") as work:
+        source = onnx_path
+        all_int8 = write_qdq(onnx_path, ranges, settings)[0]
+        if settings.refit:  # weights re-fit once for the all-INT8 graph; each variant is written from them
+            from .optimize.qat.refit import refit_onnx
+
+            source = Path(work) / "refit.onnx"
+            refit_onnx(onnx_path, all_int8, calibration, source, ridge=settings.refit_ridge)
+            all_int8 = write_qdq(source, ranges, settings)[0]
+        # bias correction (if the settings ask for it) is per layer, so measured once it holds for every variant
+        shifts = bias_shifts(all_int8, onnx_path, calibration) if settings.bias_correction and not settings.refit \
+            else {}
+        scores, baseline = _score_variants(source, ranges, settings, all_int8, shifts, reference, run, model,
+                                           candidates, progress)
+    scores.sort(key=lambda s: s.error)
+    return SensitivityReport(baseline_error=baseline, scores=scores, images=len(inputs),
+                             settings={"method": settings.describe(), "float_from_stride": settings.float_from_stride,
+                                       "calibration_images": len(calibration)})
+
+
+def _score_variants(source, ranges, settings, all_int8, shifts, reference, run, model, candidates, progress):
+    """The proxy error of the all-INT8 graph and of each variant that keeps one candidate block float."""
     macs = conv_macs(model)
     total_macs = max(sum(macs.values()), 1)
-    all_int8 = write_qdq(onnx_path, ranges, settings)[0]
-    # bias correction (if the settings ask for it) is per layer, so measured once it holds for every variant
-    shifts = bias_shifts(all_int8, onnx_path, calibration) if settings.bias_correction else {}
 
     def variant(extra_float=()):
-        model = write_qdq(onnx_path, ranges, settings, extra_float=extra_float)[0] if extra_float else all_int8
-        apply_bias_shifts(model, shifts)
-        return run(model)
+        qdq = write_qdq(source, ranges, settings, extra_float=extra_float)[0] if extra_float else all_int8
+        apply_bias_shifts(qdq, shifts)
+        return run(qdq)
 
     baseline = proxy_error(reference, variant())
     if progress:
@@ -140,10 +160,7 @@ def qdq_sensitivity(onnx_path: Path, calibration, inputs: list[np.ndarray], sett
                                  macs_share=sum(macs.get(n, 0) for n in nodes) / total_macs))
         if progress:
             progress(1)
-    scores.sort(key=lambda s: s.error)
-    return SensitivityReport(baseline_error=baseline, scores=scores, images=len(inputs),
-                             settings={"method": settings.describe(), "float_from_stride": settings.float_from_stride,
-                                       "calibration_images": len(calibration)})
+    return scores, baseline
 
 
 def conv_macs(model) -> dict[str, int]:

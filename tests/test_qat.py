@@ -133,7 +133,7 @@ def test_qat_checkpoint_records_learned_scales_and_writes_qdq(qat_run, qat_check
     qat = loaded.description["meta"]["qat"]
     assert qat["format"] == "edgeyolo-qat" and qat["training"]["steps"] == 2
     assert qat["settings"]["float_from_stride"] == 0
-    assert qat["bias_corrected_convs"] > 10  # cpu-int8's recipe: training starts from the bias-corrected graph
+    assert qat["refit"]["convs"] > 10  # cpu-int8's recipe: training starts from the re-fit PTQ graph
     assert Path(qat["teacher"]["weights"]).is_file()
     qdq = onnx.load(str(qat_run / "model.qdq.onnx"))
     ops = {n.op_type for n in qdq.graph.node}

@@ -51,7 +51,8 @@ def test_settings_from_target_and_validation():
     from edgeyolo.targets import load_target
 
     settings = QuantizeSettings.from_target(load_target("cpu-int8"))
-    assert (settings.method, settings.float_from_stride, settings.bias_correction) == ("mean-minmax", 0, True)
+    assert (settings.method, settings.float_from_stride, settings.refit, settings.bias_correction) == \
+        ("mean-minmax", 0, True, False)
     assert settings.keep_float == ()
     assert QuantizeSettings("percentile", 99.9).describe() == "percentile 99.9"
     with pytest.raises(EdgeYoloError, match="calibration method"):
@@ -163,7 +164,9 @@ def test_manifest_records_the_quantisation(cpu_int8_bundle, int8_calibration):
     facts = manifest["backend"]["quantization"]
     assert facts["format"] == "QDQ" and facts["weights"] == "int8 symmetric per-channel"
     assert facts["quantized_nodes"] > 100 and facts["images"] == len(int8_calibration)
-    assert facts["bias_corrected_convs"] == 60  # the default recipe corrects every convolution's bias
+    assert facts["refit"]["convs"] == 60  # the default recipe re-fits every convolution for its INT8 inputs
+    assert facts["refit"]["mean_relative_error"][1] < facts["refit"]["mean_relative_error"][0]
+    assert facts["bias_corrected_convs"] == 0  # the re-fit solves the biases itself
     assert manifest["calibration"]["method"].startswith(facts["method"])
     assert manifest["output"]["head"] == "sigmoid"
 

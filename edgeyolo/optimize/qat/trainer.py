@@ -10,6 +10,7 @@ at the end also the Q/DQ ONNX written back from it, which checks the round trip)
 from __future__ import annotations
 
 import dataclasses as dc
+import itertools
 import json
 import math
 import random
@@ -138,7 +139,11 @@ class QatRun:
         self.ranges = {name: [float(np.max(v)) if i else float(np.min(v)) for i, v in enumerate(data.range_value)]
                        for name, data in ranges.data.items()}
         self.student = QdqGraph(qdq, float_model, learn_scales=c.learn_scales)
-        self.bias_corrected = self._correct_biases(qdq, calib_path, float_path, ranges) if self.settings.bias_correction else 0
+        self.bias_corrected, self.refit = 0, {}
+        if self.settings.refit:  # the re-fit solves the biases too
+            self.refit = self._refit(calib_path, float_path, ranges)
+        elif self.settings.bias_correction:
+            self.bias_corrected = self._correct_biases(qdq, calib_path, float_path, ranges)
         self.teacher = QdqGraph(float_model, float_model, trainable=False).eval()
         head = split_head(float_model)
         convs = {n.name: n for n in float_model.graph.node if n.name in head.convs}
@@ -159,6 +164,29 @@ class QatRun:
             qdq, _ = write_qdq(calib_path, ranges, self.settings,
                                extra_float=kept_nodes(onnx.load(str(calib_path)), self.settings.keep_float))
         return self.student.shift_biases(qdq, bias_shifts(qdq, calib_path, self.calibration))
+
+    def _refit(self, calib_path: Path, float_path: Path, ranges) -> dict:
+        """Start from the re-fit PTQ graph the target builds (``refit.py``; solved at the calibration size)."""
+        import onnx
+
+        from ...quantize import kept_nodes, write_qdq
+        from .refit import CHUNK, MAX_IMAGES, refit
+
+        calib_model = onnx.load(str(calib_path))
+        student = self.student
+        if calib_path != float_path:  # a graph at the calibration images' size, sharing the weights' names
+            qdq, _ = write_qdq(calib_path, ranges, self.settings,
+                               extra_float=kept_nodes(calib_model, self.settings.keep_float))
+            student = QdqGraph(qdq, calib_model, learn_scales=False, trainable=False)
+        chunks = [torch.from_numpy(b) for b in
+                  itertools.islice(self.calibration.batches("NCHW", CHUNK), -(-MAX_IMAGES // CHUNK))]
+        report = refit(student, QdqGraph(calib_model, calib_model, trainable=False), chunks,
+                       ridge=self.settings.refit_ridge)
+        if student is not self.student:
+            with torch.no_grad():
+                for key, value in student.weights.items():
+                    self.student.weights[key].copy_(value)
+        return report.describe()
 
     # ------------------------------------------------------------------ train
     def batches(self, epoch: int):
@@ -228,6 +256,7 @@ class QatRun:
             "teacher": self.teacher_record,
             "target": self.target.name,
             "bias_corrected_convs": self.bias_corrected,
+            **({"refit": self.refit} if self.refit else {}),
             "settings": {"method": self.settings.method, "percentile": self.settings.percentile,
                          "float_from_stride": self.settings.float_from_stride,
                          "keep_float": list(self.settings.keep_float)},

@@ -1,0 +1,140 @@
+"""Least-squares weight re-fit of the Q/DQ graph (YOLOv5n at 160x160, a few coco128 images)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeyolo.errors import EdgeYoloError
+from edgeyolo.quantize import QuantizeSettings, calibrate_ranges, correct_biases, quantize_onnx, write_qdq
+
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+SIZE = 160
+
+
+@pytest.fixture(scope="module")
+def small_onnx(yolov5n_pt, tmp_path_factory):
+    from edgeyolo.export import ExportOptions, export_onnx
+    from edgeyolo.model import load_model
+
+    out = tmp_path_factory.mktemp("refit") / "small.onnx"
+    return export_onnx(load_model(yolov5n_pt).model, out, ExportOptions(imgsz=(SIZE, SIZE), head="sigmoid"))
+
+
+def _calibration(yolov5n_pt, coco128, size, seed=0):
+    from edgeyolo.build import prepare_calibration
+    from edgeyolo.targets import load_target
+
+    target = dataclasses.replace(load_target("cpu-int8"), imgsz=(SIZE, SIZE))
+    return prepare_calibration(yolov5n_pt, target, coco128 / "images", size=size, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def fitting_images(yolov5n_pt, coco128):
+    return _calibration(yolov5n_pt, coco128, 16)
+
+
+@pytest.fixture(scope="module")
+def unseen_inputs(yolov5n_pt, coco128, fitting_images):
+    """coco128 images the re-fit never saw (a different seeded draw, minus the fitting ones)."""
+    other = _calibration(yolov5n_pt, coco128, 48, seed=1)
+    seen = set(fitting_images.image_hashes)
+    inputs = [x for x, h in zip(other.batches("NCHW", 1), other.image_hashes) if h not in seen]
+    assert len(inputs) >= 16
+    return inputs[:16]
+
+
+def _head_error(model, reference, inputs) -> float:
+    """Mean squared difference of every head output between ``model`` and the FP32 ``reference``."""
+    def run(m):
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return [session.run(None, {"images": x}) for x in inputs]
+
+    return float(np.mean([np.mean((a - b) ** 2) for got, want in zip(run(model), run(reference))
+                          for a, b in zip(got, want)]))
+
+
+def test_refit_brings_the_int8_graph_closer_to_fp32_on_unseen_images(small_onnx, fitting_images, unseen_inputs,
+                                                                      tmp_path):
+    settings = QuantizeSettings(method="mean-minmax", float_from_stride=0, bias_correction=True)
+    reference = onnx.load(str(small_onnx))
+    ranges = calibrate_ranges(small_onnx, fitting_images, settings)
+    corrected, _ = write_qdq(small_onnx, ranges, settings)
+    correct_biases(corrected, small_onnx, fitting_images)
+    refit_dst = tmp_path / "refit.qdq.onnx"
+    facts = quantize_onnx(small_onnx, refit_dst, fitting_images, dataclasses.replace(settings, refit=True))
+    refit = onnx.load(str(refit_dst))
+    assert facts["refit"]["convs"] == sum(1 for n in reference.graph.node if n.op_type == "Conv")
+    before, after = facts["refit"]["mean_relative_error"]
+    assert after < before
+    assert facts["bias_corrected_convs"] == 0  # the re-fit solves the biases itself
+    # the written graph is the fitted one (same placement, new weights), and it generalises
+    assert [n.op_type for n in refit.graph.node] == [n.op_type for n in corrected.graph.node]
+    error_corrected = _head_error(corrected, reference, unseen_inputs)
+    error_refit = _head_error(refit, reference, unseen_inputs)
+    assert error_refit < 0.95 * error_corrected, (error_corrected, error_refit)
+
+
+def test_refit_recovers_perturbed_float_weights_exactly(small_onnx, fitting_images):
+    """On the float graph (nothing quantised) the solve has an exact answer: the teacher's own weights.
+    A student with every convolution perturbed comes back to the teacher's outputs; this checks the
+    plumbing (sampled positions of teacher and student aligned, im2col geometry, the bias solve)."""
+    from edgeyolo.optimize.qat.graph import QdqGraph
+    from edgeyolo.optimize.qat.refit import CHUNK, refit
+
+    model = onnx.load(str(small_onnx))
+    teacher = QdqGraph(model, model, trainable=False)
+    student = QdqGraph(model, model, trainable=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in student.weights.values():
+            weight.mul_(1 + 0.2 * torch.randn(weight.shape, generator=generator))
+    chunks = [torch.from_numpy(b) for b in fitting_images.batches("NCHW", CHUNK)]
+    x = chunks[0][:2]
+    with torch.no_grad():
+        want = teacher(x)
+        wrong = student(x)
+    report = refit(student, teacher, chunks, ridge=1e-7)
+    with torch.no_grad():
+        got = student(x)
+    for name in want:
+        scale = float(want[name].abs().mean())
+        assert float((wrong[name] - want[name]).abs().mean()) > 1e-2 * scale
+        assert float((got[name] - want[name]).abs().mean()) < 1e-3 * scale, name
+    assert max(after for _, after in report.errors.values()) < 1e-4
+
+
+def test_refit_settings_and_target_keys(tmp_path):
+    from edgeyolo.targets import load_target
+
+    assert "weight re-fit (ridge 1)" in QuantizeSettings(refit=True).describe()
+    assert QuantizeSettings().refit is False  # a target without the key keeps its graph
+    with pytest.raises(EdgeYoloError, match="refit_ridge"):
+        QuantizeSettings(refit=True, refit_ridge=-1.0)
+    with pytest.raises(EdgeYoloError, match="refit must be"):
+        QuantizeSettings(refit="yes")
+    path = tmp_path / "own-int8.toml"
+    path.write_text('backend = "onnxruntime"\nprecision = "int8"\nhead = "sigmoid"\n'
+                    '[calibration]\nrefit = true\nrefit_ridge = 0.1\n')
+    assert QuantizeSettings.from_target(load_target(str(path))).refit_ridge == 0.1
+    path.write_text('backend = "onnxruntime"\nprecision = "int8"\nhead = "sigmoid"\n[calibration]\nrefit = "on"\n')
+    with pytest.raises(EdgeYoloError, match="refit"):
+        load_target(str(path))
+
+
+def test_sensitivity_ranks_on_the_refit_graph(small_onnx, fitting_images, unseen_inputs):
+    """With ``refit`` in the settings, the sweep measures the re-fit graph (re-fit once, every variant from it)."""
+    from edgeyolo.sensitivity import qdq_sensitivity
+
+    settings = QuantizeSettings(method="mean-minmax", float_from_stride=0)
+    inputs, candidates = unseen_inputs[:4], ["model.0", "model.9"]
+    plain = qdq_sensitivity(small_onnx, fitting_images, inputs, settings, candidates)
+    refit = qdq_sensitivity(small_onnx, fitting_images, inputs, dataclasses.replace(settings, refit=True), candidates)
+    assert "re-fit" in refit.settings["method"]
+    assert sorted(s.layer for s in refit.scores) == candidates
+    assert refit.baseline_error != plain.baseline_error
