@@ -19,6 +19,9 @@ held-out split of coco-tune-1193 (``docs/int8.md``, ``benchmarks/bench_int8.py``
 - ``bias_correction``: each convolution's int32 bias loses the mean error its own INT8 (rounded
   weights, rounded and clipped input) adds to its output channels, measured on the FP32
   activations of the calibration images (``bias_shifts``); the Q/DQ placement is unchanged;
+- ``refit`` (the default of the Q/DQ targets, instead of bias correction): each convolution's float
+  weights and bias re-solved, in execution order, to reproduce the FP32 output from the INT8 inputs
+  the graph really gives it (``refit_weights``; ridge ``refit_ridge`` toward the FP32 weights);
 - ``keep_float``: blocks (``model.1``) left in float with no Q/DQ around them, inputs included
   (FP16 on TensorRT), ranked by ``edgeyolo sensitivity``; ``float_from_stride``: every layer at
   that output stride or coarser left in float (0: none).
