@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import logging
 import os
 import tempfile
@@ -310,11 +311,37 @@ def refit_weights(src: Path, qdq, ranges: Ranges, settings: QuantizeSettings, ke
     except ImportError as exc:
         raise EdgeYoloError(f"the weight re-fit ([calibration] refit = true) needs torch ({exc.name} is missing): "
                             "pip install 'edgeyolo[export]', or set refit = false") from exc
+    key = _refit_key(src, qdq, calibration, settings)
     with tempfile.TemporaryDirectory(prefix=f"edgeyolo-refit-{os.getpid()}-") as work:
         refit_src = Path(work) / "refit.onnx"
-        report = refit_onnx(src, qdq, calibration, refit_src, ridge=settings.refit_ridge)
+        cached = _LAST_REFIT.get(key) if key is not None else None
+        if cached is not None:  # e.g. cpu-int8 and jetson-int8 built from one model in one process
+            facts, data = cached
+            refit_src.write_bytes(data)
+        else:
+            facts = {**refit_onnx(src, qdq, calibration, refit_src, ridge=settings.refit_ridge).describe(),
+                     "ridge": settings.refit_ridge}
+            if key is not None:
+                _LAST_REFIT.clear()
+                _LAST_REFIT[key] = (facts, refit_src.read_bytes())
         qdq, removed = write_qdq(refit_src, ranges, settings, extra_float=kept)
-    return qdq, removed, {**report.describe(), "ridge": settings.refit_ridge}
+    return qdq, removed, dict(facts)
+
+
+_LAST_REFIT: dict = {}  # the last re-fit of this process: {key: (facts, re-fit float ONNX bytes)}
+
+
+def _refit_key(src: Path, qdq, calibration, settings: QuantizeSettings) -> str | None:
+    """Everything a re-fit depends on: the float graph, the Q/DQ graph, the images, the ridge (None: unknown)."""
+    import hashlib
+
+    if not hasattr(calibration, "describe"):
+        return None
+    images = {k: v for k, v in calibration.describe().items() if k != "method"}  # hashes, count, letterbox
+    digest = hashlib.sha256(Path(src).read_bytes())
+    digest.update(qdq.SerializeToString())
+    digest.update(json.dumps([images, settings.refit_ridge], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def correct_biases(qdq, src: Path, calibration) -> int:

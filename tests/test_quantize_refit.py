@@ -138,3 +138,21 @@ def test_sensitivity_ranks_on_the_refit_graph(small_onnx, fitting_images, unseen
     assert "re-fit" in refit.settings["method"]
     assert sorted(s.layer for s in refit.scores) == candidates
     assert refit.baseline_error != plain.baseline_error
+
+
+def test_a_second_identical_build_reuses_the_refit(small_onnx, fitting_images, tmp_path, monkeypatch):
+    """cpu-int8 then jetson-int8 from one model in one process: the re-fit is solved once."""
+    import edgeyolo.optimize.qat.refit as refit_module
+
+    settings = QuantizeSettings(method="mean-minmax", float_from_stride=0, refit=True)
+    first = quantize_onnx(small_onnx, tmp_path / "a.onnx", fitting_images, settings)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the re-fit ran again")
+
+    monkeypatch.setattr(refit_module, "refit_onnx", fail)
+    second = quantize_onnx(small_onnx, tmp_path / "b.onnx", fitting_images, settings)
+    assert second["refit"] == first["refit"]
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    with pytest.raises(AssertionError, match="ran again"):  # another ridge is another re-fit
+        quantize_onnx(small_onnx, tmp_path / "c.onnx", fitting_images, dataclasses.replace(settings, refit_ridge=2.0))

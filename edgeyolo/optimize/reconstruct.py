@@ -123,10 +123,26 @@ def _positions(count: int, layer: int, batch: int, per_image: int, images: int) 
     return torch.cat(picks)
 
 
-def _columns(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """im2col of ``x`` for ``conv``: (N·L, Cin·kh·kw)."""
-    cols = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+def _output_positions(conv, x: torch.Tensor) -> int:
+    """Output positions per image (L = H_out · W_out) of ``conv`` on ``x``."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+    h, w = x.shape[2:]
+    return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _sampled_columns(conv, x: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """The rows ``picks`` (flat image · L + position) of im2col(``x``) for ``conv``: (len(picks), Cin·kh·kw).
+
+    Gathered directly, in ``unfold``'s column order (channel, then kernel row, then column), so the
+    full im2col (hundreds of MB for an early layer) is never built."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+    w_out = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    per_image = _output_positions(conv, x)
+    image, position = picks // per_image, picks % per_image
+    top, left = (position // w_out) * sh, (position % w_out) * sw
+    padded = nn.functional.pad(x, (pw, pw, ph, ph))
+    taps = [padded[image, :, top + ky * dh, left + kx * dw] for ky in range(kh) for kx in range(kw)]
+    return torch.stack(taps, -1).reshape(len(picks), -1)
 
 
 @torch.no_grad()
@@ -208,10 +224,9 @@ def _normal_equations(student, conv, batches, targets, index, per_image):
             except _Stop:
                 pass
             x = captured.pop("x")
-            cols = _columns(conv, x)
-            per = cols.shape[0] // x.shape[0]
-            picks = _positions(per, index, b, per_image, x.shape[0])
-            a = torch.cat([cols[picks].double(), torch.ones(len(picks), 1, dtype=torch.float64)], 1)
+            picks = _positions(_output_positions(conv, x), index, b, per_image, x.shape[0])
+            a = torch.cat([_sampled_columns(conv, x, picks).double(),
+                           torch.ones(len(picks), 1, dtype=torch.float64)], 1)
             y = targets[b].double()
             gram = a.T @ a if gram is None else gram + a.T @ a
             cross = a.T @ y if cross is None else cross + a.T @ y

@@ -30,7 +30,7 @@ import torch
 from onnx import helper
 
 from ...errors import EdgeYoloError
-from ..reconstruct import _columns, _positions, _residual, _solve
+from ..reconstruct import _output_positions, _positions, _residual, _sampled_columns, _solve
 from .fakequant import fake_quantize_weight
 from .graph import QdqGraph, _key, run_op
 
@@ -56,7 +56,7 @@ class Refit:
 
 
 def _conv_geometry(node) -> SimpleNamespace:
-    """What ``reconstruct._columns`` needs of a convolution, from an ONNX Conv node."""
+    """What ``reconstruct._sampled_columns`` needs of a convolution, from an ONNX Conv node."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("group", 1) != 1:
         raise EdgeYoloError(f"refit: grouped convolution {node.name} is not supported")
@@ -173,9 +173,9 @@ def _refit_conv(student: QdqGraph, node, weight_name: str, bias_name: str, state
     energy, count = 0.0, 0
     for c, state in enumerate(states):
         x = student._value(node.input[0], state)  # the quantised input the deployed graph gives this conv
-        cols = _columns(geometry, x)
-        picks = _positions(cols.shape[0] // x.shape[0], index, c, per_image, x.shape[0])
-        a = torch.cat([cols[picks].double(), torch.ones(len(picks), 1, dtype=torch.float64)], 1)
+        picks = _positions(_output_positions(geometry, x), index, c, per_image, x.shape[0])
+        a = torch.cat([_sampled_columns(geometry, x, picks).double(),
+                       torch.ones(len(picks), 1, dtype=torch.float64)], 1)
         y = targets[c]
         gram = a.T @ a if gram is None else gram + a.T @ a
         cross = a.T @ y if cross is None else cross + a.T @ y
