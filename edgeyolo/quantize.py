@@ -338,8 +338,10 @@ def _refit_key(src: Path, qdq, calibration, settings: QuantizeSettings) -> str |
     if not hasattr(calibration, "describe"):
         return None
     images = {k: v for k, v in calibration.describe().items() if k != "method"}  # hashes, count, letterbox
-    digest = hashlib.sha256(Path(src).read_bytes())
-    digest.update(qdq.SerializeToString())
+    import onnx
+
+    digest = hashlib.sha256(onnx.load(str(src)).graph.SerializeToString())  # the graphs, not the metadata
+    digest.update(qdq.graph.SerializeToString())  # (which names the target)
     digest.update(json.dumps([images, settings.refit_ridge], sort_keys=True, default=str).encode())
     return digest.hexdigest()
 

@@ -418,7 +418,7 @@ def test_typed_int8_graph_is_fp16_around_int8_and_detects_what_the_qdq_graph_doe
     for image in images:
         ref, got = reference.detect(image), candidate.detect(image)
         for box, score, cls in zip(ref.xyxy, ref.confidence, ref.class_id):
-            if score < 0.5:
+            if score < 0.4:  # the sample images hold 6 such detections (FP32 has exactly 5 at >= 0.5, one at 0.53)
                 continue
             same = got.class_id == cls
             assert same.any(), (cls, score)
