@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,7 +315,7 @@ def refit_weights(src: Path, qdq, ranges: Ranges, settings: QuantizeSettings, ke
     key = _refit_key(src, qdq, calibration, settings)
     with tempfile.TemporaryDirectory(prefix=f"edgeyolo-refit-{os.getpid()}-") as work:
         refit_src = Path(work) / "refit.onnx"
-        cached = _LAST_REFIT.get(key) if key is not None else None
+        cached = _RECENT_REFITS.get(key) if key is not None else None
         if cached is not None:  # e.g. cpu-int8 and jetson-int8 built from one model in one process
             facts, data = cached
             refit_src.write_bytes(data)
@@ -322,13 +323,22 @@ def refit_weights(src: Path, qdq, ranges: Ranges, settings: QuantizeSettings, ke
             facts = {**refit_onnx(src, qdq, calibration, refit_src, ridge=settings.refit_ridge).describe(),
                      "ridge": settings.refit_ridge}
             if key is not None:
-                _LAST_REFIT.clear()
-                _LAST_REFIT[key] = (facts, refit_src.read_bytes())
+                _remember_refit(key, facts, refit_src.read_bytes())
         qdq, removed = write_qdq(refit_src, ranges, settings, extra_float=kept)
     return qdq, removed, dict(facts)
 
 
-_LAST_REFIT: dict = {}  # the last re-fit of this process: {key: (facts, re-fit float ONNX bytes)}
+_RECENT_REFITS: dict = {}  # this process's recent re-fits, oldest first: {key: (facts, re-fit float ONNX bytes)}
+REFIT_CACHE_BYTES = 256 << 20  # yolov5n's re-fit ONNX is ~8 MB, yolov5x's ~350 MB (kept alone)
+_REFIT_LOCK = threading.Lock()
+
+
+def _remember_refit(key: str, facts: dict, data: bytes) -> None:
+    with _REFIT_LOCK:  # builds may run in threads
+        _RECENT_REFITS.pop(key, None)
+        _RECENT_REFITS[key] = (facts, data)
+        while len(_RECENT_REFITS) > 1 and sum(len(d) for _, d in _RECENT_REFITS.values()) > REFIT_CACHE_BYTES:
+            del _RECENT_REFITS[next(iter(_RECENT_REFITS))]
 
 
 def _refit_key(src: Path, qdq, calibration, settings: QuantizeSettings) -> str | None:
