@@ -25,7 +25,7 @@ from edgeyolo.quantize import (
 
 ort = pytest.importorskip("onnxruntime")
 
-MAX_DROP_POINTS = 0.95  # measured 0.88 (every stage INT8, bias correction, all of coco128); was 0.98 before
+MAX_DROP_POINTS = 0.95  # measured 0.82 (every stage INT8, weights re-fit, all of coco128); 0.88 with bias correction
 
 
 @pytest.fixture(scope="session")
@@ -225,7 +225,8 @@ def test_asymmetric_activations_are_refused_for_tensorrt():
 
 
 # --------------------------------------------------------------------------- accuracy
-# Measured vs cpu-fp32 on the sample images, detections scoring >= 0.5 (every stage INT8, bias correction):
+# Measured vs cpu-fp32 on the sample images, detections scoring >= 0.5 (every stage INT8, bias correction; the
+# re-fit default passes the same bounds):
 # IoU >= 0.910, scores within 0.052 when calibrated on all 128 coco128 images; 0.927 and 0.055 on the edit
 # loop's 32. (The old recipe, stride-32 stage float, no bias correction: 0.967 / 0.147 and 0.976 / 0.130.)
 INT8_MIN_SCORE, INT8_IOU, INT8_SCORE_TOL = 0.5, 0.88, 0.08
