@@ -169,13 +169,12 @@ def reconstruct(student: nn.Module, teacher: nn.Module, batches: Iterable[torch.
     report = Reconstruction(images=sum(int(b.shape[0]) for b in batches))
     for index, name in enumerate(order):
         layer = student_layers[name]
-        gram, cross, energy, count = _normal_equations(student, _conv(layer), batches, targets[name], index,
-                                                       positions_per_image)
+        eq = _normal_equations(student, _conv(layer), batches, targets[name], index, positions_per_image)
         current = _current_weights(layer)
-        before = _residual(current, gram, cross, energy)
-        weights = _solve(gram, cross, current, ridge)
-        after = _residual(weights, gram, cross, energy)
-        _write_back(layer, weights, gram, count)
+        before = _residual(current, eq.gram, eq.cross, eq.energy)
+        weights = _solve(eq.gram, eq.cross, current, ridge)
+        after = _residual(weights, eq.gram, eq.cross, eq.energy)
+        _write_back(layer, weights, eq.gram, eq.count)
         report.errors[name] = (before, after)
         report.layers += 1
         if progress is not None:
@@ -206,10 +205,27 @@ def _teacher_targets(teacher, layers, order, kept, batches, per_image) -> dict[s
     return targets
 
 
-def _normal_equations(student, conv, batches, targets, index, per_image):
-    """AᵀA, AᵀY and Σ‖Y‖² over every batch, A = [im2col(student input), 1] at the sampled positions."""
-    gram = cross = None
-    energy, count = 0.0, 0
+class NormalEquations:
+    """AᵀA, AᵀY, Σ‖Y‖² and the row count, summed batch by batch; A = [im2col(input), 1] at the
+    sampled output positions of one layer (the same positions as its targets, see ``_positions``)."""
+
+    def __init__(self):
+        self.gram = self.cross = None
+        self.energy, self.count = 0.0, 0
+
+    def add(self, conv, x: torch.Tensor, y: torch.Tensor, layer: int, batch: int, per_image: int) -> None:
+        picks = _positions(_output_positions(conv, x), layer, batch, per_image, x.shape[0])
+        a = torch.cat([_sampled_columns(conv, x, picks).double(), torch.ones(len(picks), 1, dtype=torch.float64)], 1)
+        y = y.double()
+        self.gram = a.T @ a if self.gram is None else self.gram + a.T @ a
+        self.cross = a.T @ y if self.cross is None else self.cross + a.T @ y
+        self.energy += float((y * y).sum())
+        self.count += len(picks)
+
+
+def _normal_equations(student, conv, batches, targets, index, per_image) -> NormalEquations:
+    """The normal equations of ``conv`` over every batch, fed the student's own input to it."""
+    equations = NormalEquations()
     captured = {}
 
     def hook(module, args):
@@ -223,18 +239,10 @@ def _normal_equations(student, conv, batches, targets, index, per_image):
                 student(batch)
             except _Stop:
                 pass
-            x = captured.pop("x")
-            picks = _positions(_output_positions(conv, x), index, b, per_image, x.shape[0])
-            a = torch.cat([_sampled_columns(conv, x, picks).double(),
-                           torch.ones(len(picks), 1, dtype=torch.float64)], 1)
-            y = targets[b].double()
-            gram = a.T @ a if gram is None else gram + a.T @ a
-            cross = a.T @ y if cross is None else cross + a.T @ y
-            energy += float((y * y).sum())
-            count += len(picks)
+            equations.add(conv, captured.pop("x"), targets[b], index, b, per_image)
     finally:
         handle.remove()
-    return gram, cross, energy, count
+    return equations
 
 
 def _current_weights(layer: nn.Module) -> torch.Tensor:

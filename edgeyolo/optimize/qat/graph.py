@@ -81,6 +81,7 @@ class QdqGraph(nn.Module):
         for p in self.weights.values():
             p.requires_grad_(trainable)
         self._dq_source = {n.output[0]: n.input[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+        self._last_read = self._last_reads()
 
     # ------------------------------------------------------------------ construction
     def _add_weight(self, name: str, value: np.ndarray) -> None:
@@ -120,14 +121,41 @@ class QdqGraph(nn.Module):
     # ------------------------------------------------------------------ run
     def forward(self, images: torch.Tensor, capture=()) -> dict[str, torch.Tensor]:
         """The graph outputs and the ``capture`` tensors (by ONNX name), for a batch of any size."""
+        wanted = (*self.output_names, *capture)
         values: dict[str, torch.Tensor] = {self.input_name: images}
-        out = {}
-        for node in self.nodes:
-            inputs = [self._value(name, values) if name else None for name in node.input]
-            values[node.output[0]] = run_op(node, inputs, images.shape[0], images.device)
-        for name in (*self.output_names, *capture):
-            out[name] = values[name]
-        return out
+        self.run([values], keep=wanted)
+        return {name: values[name] for name in wanted}
+
+    def run(self, states: list[dict], before=None, after=None, keep=()) -> None:
+        """Run the graph node by node on every state (tensors by ONNX name, the input set: one chunk of
+        images each), dropping what no later node reads, except ``keep``.
+
+        ``before(node, states)`` is called before a node is computed, ``after(node, states)`` after."""
+        batches = [(state[self.input_name].shape[0], state[self.input_name].device) for state in states]
+        for step, node in enumerate(self.nodes):
+            if before is not None:
+                before(node, states)
+            for state, (batch, device) in zip(states, batches):
+                inputs = [self._value(name, state) if name else None for name in node.input]
+                state[node.output[0]] = run_op(node, inputs, batch, device)
+            if after is not None:
+                after(node, states)
+            for state in states:
+                for name in [n for n in state if self._last_read.get(n, -1) <= step and n not in keep]:
+                    del state[name]
+
+    def _last_reads(self) -> dict[str, int]:
+        """Tensor name → index of the last node that reads it (a DQ output reads its quantiser's input too)."""
+        last = {}
+        for index, node in enumerate(self.nodes):
+            for name in node.input:
+                if not name:
+                    continue
+                last[name] = index
+                source = self._dq_source.get(name)
+                if source in self.q_scale:
+                    last[self.q_input[source]] = index
+        return last
 
     def _value(self, name: str, values: dict) -> torch.Tensor:
         if name in values:

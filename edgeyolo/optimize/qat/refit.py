@@ -30,9 +30,9 @@ import torch
 from onnx import helper
 
 from ...errors import EdgeYoloError
-from ..reconstruct import _output_positions, _positions, _residual, _sampled_columns, _solve
+from ..reconstruct import NormalEquations, _positions, _residual, _solve
 from .fakequant import fake_quantize_weight
-from .graph import QdqGraph, _key, run_op
+from .graph import QdqGraph, _key
 
 POSITIONS_PER_IMAGE = 512  # sampled output positions per image and convolution
 RIDGE = 1.0  # pull toward the FP32 weights, relative to the mean input energy (chosen on held-out images)
@@ -56,7 +56,7 @@ class Refit:
 
 
 def _conv_geometry(node) -> SimpleNamespace:
-    """What ``reconstruct._sampled_columns`` needs of a convolution, from an ONNX Conv node."""
+    """What ``reconstruct.NormalEquations`` needs of a convolution, from an ONNX Conv node."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("group", 1) != 1:
         raise EdgeYoloError(f"refit: grouped convolution {node.name} is not supported")
@@ -77,20 +77,6 @@ def _fitted_convs(student: QdqGraph) -> list:
         if weight and bias:
             convs.append((node, weight, bias))
     return convs
-
-
-def _last_reads(student: QdqGraph) -> dict[str, int]:
-    """Tensor name → index of the last node that reads it (a DQ output reads its quantiser's input too)."""
-    last = {}
-    for index, node in enumerate(student.nodes):
-        for name in node.input:
-            if not name:
-                continue
-            last[name] = index
-            source = student._dq_source.get(name)
-            if source in student.q_scale:
-                last[student.q_input[source]] = index
-    return last
 
 
 @torch.no_grad()
@@ -126,26 +112,8 @@ def refit(student: QdqGraph, teacher: QdqGraph, images: Sequence[torch.Tensor], 
             if progress is not None:
                 progress(report.convs, len(convs))
 
-    _walk(student, [{student.input_name: c} for c in chunks], before=fit)
+    student.run([{student.input_name: c} for c in chunks], before=fit)
     return report
-
-
-def _walk(graph: QdqGraph, states: list[dict], before=None, after=None) -> None:
-    """Run ``graph`` node by node on every state (one chunk of images each), freeing what no later node reads.
-
-    ``before(node, states)`` runs before a node is computed, ``after(node, states)`` after."""
-    last = _last_reads(graph)
-    for step, node in enumerate(graph.nodes):
-        if before is not None:
-            before(node, states)
-        for state in states:
-            inputs = [graph._value(name, state) if name else None for name in node.input]
-            state[node.output[0]] = run_op(node, inputs, inputs[0].shape[0])
-        if after is not None:
-            after(node, states)
-        for state in states:
-            for name in [n for n in state if last.get(n, -1) <= step]:
-                del state[name]
 
 
 def _teacher_targets(teacher: QdqGraph, nodes, chunks, per_image) -> dict[str, list[torch.Tensor]]:
@@ -162,25 +130,17 @@ def _teacher_targets(teacher: QdqGraph, nodes, chunks, per_image) -> dict[str, l
             targets[name][chunk] = flat[_positions(h * w, index, chunk, per_image, n)].double()
 
     for c, chunk in enumerate(chunks):  # chunk by chunk: the teacher's activations of one chunk at a time
-        _walk(teacher, [{teacher.input_name: chunk}], after=lambda node, states, c=c: sample(node, states, c))
+        teacher.run([{teacher.input_name: chunk}], after=lambda node, states, c=c: sample(node, states, c))
     return targets
 
 
 def _refit_conv(student: QdqGraph, node, weight_name: str, bias_name: str, states, targets, index,
                 per_image, ridge) -> tuple[float, float]:
     geometry = _conv_geometry(node)
-    gram = cross = None
-    energy, count = 0.0, 0
-    for c, state in enumerate(states):
-        x = student._value(node.input[0], state)  # the quantised input the deployed graph gives this conv
-        picks = _positions(_output_positions(geometry, x), index, c, per_image, x.shape[0])
-        a = torch.cat([_sampled_columns(geometry, x, picks).double(),
-                       torch.ones(len(picks), 1, dtype=torch.float64)], 1)
-        y = targets[c]
-        gram = a.T @ a if gram is None else gram + a.T @ a
-        cross = a.T @ y if cross is None else cross + a.T @ y
-        energy += float((y * y).sum())
-        count += len(picks)
+    eq = NormalEquations()
+    for c, state in enumerate(states):  # the quantised input the deployed graph gives this conv
+        eq.add(geometry, student._value(node.input[0], state), targets[c], index, c, per_image)
+    gram, cross, energy = eq.gram, eq.cross, eq.energy
     weight = student.weights[_key(weight_name)]
     bias = student.weights[_key(bias_name)]
     quantized = weight_name in student.weight_dq.values()
@@ -206,6 +166,12 @@ def _as_matrix(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight.reshape(weight.shape[0], -1), bias[:, None]], 1).T
 
 
+def calibration_chunks(calibration) -> list[torch.Tensor]:
+    """A ``CalibrationSet``'s network inputs in chunks of ``CHUNK``, as many as the re-fit uses."""
+    return [torch.from_numpy(batch) for batch in
+            itertools.islice(calibration.batches("NCHW", CHUNK), -(-MAX_IMAGES // CHUNK))]
+
+
 def refit_onnx(src, qdq, calibration, dst, *, ridge: float = RIDGE,
                positions_per_image: int = POSITIONS_PER_IMAGE) -> Refit:
     """Write ``src`` (the float ONNX ``qdq`` was quantised from) to ``dst`` with re-fit weights.
@@ -220,9 +186,8 @@ def refit_onnx(src, qdq, calibration, dst, *, ridge: float = RIDGE,
     float_model = onnx.load(str(src))
     student = QdqGraph(qdq, float_model, learn_scales=False, trainable=False)
     teacher = QdqGraph(float_model, float_model, trainable=False)
-    chunks = [torch.from_numpy(batch) for batch in
-              itertools.islice(calibration.batches("NCHW", CHUNK), -(-MAX_IMAGES // CHUNK))]
-    report = refit(student, teacher, chunks, ridge=ridge, positions_per_image=positions_per_image)
+    report = refit(student, teacher, calibration_chunks(calibration), ridge=ridge,
+                   positions_per_image=positions_per_image)
     weights = student.float_weights()
     for init in float_model.graph.initializer:
         if init.name in weights:

@@ -10,7 +10,6 @@ at the end also the Q/DQ ONNX written back from it, which checks the round trip)
 from __future__ import annotations
 
 import dataclasses as dc
-import itertools
 import json
 import math
 import random
@@ -170,7 +169,7 @@ class QatRun:
         import onnx
 
         from ...quantize import kept_nodes, write_qdq
-        from .refit import CHUNK, MAX_IMAGES, refit
+        from .refit import calibration_chunks, refit
 
         calib_model = onnx.load(str(calib_path))
         student = self.student
@@ -178,10 +177,8 @@ class QatRun:
             qdq, _ = write_qdq(calib_path, ranges, self.settings,
                                extra_float=kept_nodes(calib_model, self.settings.keep_float))
             student = QdqGraph(qdq, calib_model, learn_scales=False, trainable=False)
-        chunks = [torch.from_numpy(b) for b in
-                  itertools.islice(self.calibration.batches("NCHW", CHUNK), -(-MAX_IMAGES // CHUNK))]
-        report = refit(student, QdqGraph(calib_model, calib_model, trainable=False), chunks,
-                       ridge=self.settings.refit_ridge)
+        report = refit(student, QdqGraph(calib_model, calib_model, trainable=False),
+                       calibration_chunks(self.calibration), ridge=self.settings.refit_ridge)
         if student is not self.student:
             with torch.no_grad():
                 for key, value in student.weights.items():
