@@ -266,6 +266,11 @@ CANDIDATES = {
     **{f"cpu-ort-all-mean-minmax-refit-r{ridge}": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "refit": True,
                                                               "refit_ridge": float(ridge)})
        for ridge in ("1e-2", "1e-1", "1", "10")},
+    # the same, each output's error weighted by its activation's slope² (the error after SiLU / sigmoid)
+    **{f"cpu-ort-all-mean-minmax-refit-act-r{ridge}": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "refit": True,
+                                                                  "refit_ridge": float(ridge),
+                                                                  "refit_weighting": "activation"})
+       for ridge in ("1e-1", "1")},
     "intel-today": ("intel-cpu-int8", TODAY["intel-cpu-int8"]),
     "intel-histogram-full-bc": ("intel-cpu-int8", {"openvino_activations_range": "histogram",
                                                    "openvino_fast_bias_correction": False}),

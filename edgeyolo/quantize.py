@@ -49,6 +49,7 @@ from .errors import EdgeYoloError
 
 METHODS = ("mean-minmax", "minmax", "entropy", "percentile")
 DEFAULT_METHOD = "mean-minmax"
+REFIT_WEIGHTINGS = ("none", "activation")  # see optimize/qat/refit.py
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_FLOAT_STRIDE = 32
 SILU_NEGATIVE_FLOOR = 6.0  # SiLU(-6) = -0.015: below that the input's exact value no longer matters
@@ -67,6 +68,7 @@ class QuantizeSettings:
     bias_correction: bool = False  # take each convolution's own INT8 mean error out of its bias
     refit: bool = False  # re-fit each convolution's weights for its quantised inputs (``refit_weights``)
     refit_ridge: float = 1.0  # how strongly the re-fit stays near the FP32 weights
+    refit_weighting: str = "none"  # "activation": fit each output's error as it is after its activation
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -77,6 +79,9 @@ class QuantizeSettings:
             raise EdgeYoloError(f"refit must be true or false, not {self.refit!r}")
         if not (isinstance(self.refit_ridge, (int, float)) and 0 < self.refit_ridge <= 10):
             raise EdgeYoloError(f"refit_ridge must be a number in (0, 10], not {self.refit_ridge!r}")
+        if self.refit_weighting not in REFIT_WEIGHTINGS:
+            raise EdgeYoloError(f"refit_weighting must be one of {', '.join(REFIT_WEIGHTINGS)}, "
+                                f"not {self.refit_weighting!r}")
         if not 90.0 <= self.percentile < 100.0:
             raise EdgeYoloError(f"calibration percentile must be in [90, 100), not {self.percentile}")
         if self.float_from_stride < 0:
@@ -93,12 +98,14 @@ class QuantizeSettings:
                    float_from_stride=int(calib.get("float_from_stride", DEFAULT_FLOAT_STRIDE)),
                    keep_float=_as_names(calib.get("keep_float", ())),
                    bias_correction=calib.get("bias_correction", False),
-                   refit=calib.get("refit", False), refit_ridge=calib.get("refit_ridge", 1.0))
+                   refit=calib.get("refit", False), refit_ridge=calib.get("refit_ridge", 1.0),
+                   refit_weighting=calib.get("refit_weighting", "none"))
 
     def describe(self) -> str:
         method = f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
         if self.refit:
-            return method + f", least-squares weight re-fit (ridge {self.refit_ridge:g})"
+            weighted = ", activation-weighted" if self.refit_weighting == "activation" else ""
+            return method + f", least-squares weight re-fit (ridge {self.refit_ridge:g}{weighted})"
         return method + (", bias correction" if self.bias_correction else "")
 
 
@@ -320,8 +327,9 @@ def refit_weights(src: Path, qdq, ranges: Ranges, settings: QuantizeSettings, ke
             facts, data = cached
             refit_src.write_bytes(data)
         else:
-            facts = {**refit_onnx(src, qdq, calibration, refit_src, ridge=settings.refit_ridge).describe(),
-                     "ridge": settings.refit_ridge}
+            facts = {**refit_onnx(src, qdq, calibration, refit_src, ridge=settings.refit_ridge,
+                                  weighting=settings.refit_weighting).describe(),
+                     "ridge": settings.refit_ridge, "weighting": settings.refit_weighting}
             if key is not None:
                 _remember_refit(key, facts, refit_src.read_bytes())
         qdq, removed = write_qdq(refit_src, ranges, settings, extra_float=kept)
@@ -352,7 +360,8 @@ def _refit_key(src: Path, qdq, calibration, settings: QuantizeSettings) -> str |
 
     digest = hashlib.sha256(onnx.load(str(src)).graph.SerializeToString())  # the graphs, not the metadata
     digest.update(qdq.graph.SerializeToString())  # (which names the target)
-    digest.update(json.dumps([images, settings.refit_ridge], sort_keys=True, default=str).encode())
+    digest.update(json.dumps([images, settings.refit_ridge, settings.refit_weighting], sort_keys=True,
+                             default=str).encode())
     return digest.hexdigest()
 
 

@@ -125,7 +125,8 @@ def qdq_sensitivity(onnx_path: Path, calibration, inputs: list[np.ndarray], sett
             from .optimize.qat.refit import refit_onnx
 
             source = Path(work) / "refit.onnx"
-            refit_onnx(onnx_path, all_int8, calibration, source, ridge=settings.refit_ridge)
+            refit_onnx(onnx_path, all_int8, calibration, source, ridge=settings.refit_ridge,
+                       weighting=settings.refit_weighting)
             all_int8 = write_qdq(source, ranges, settings)[0]
         # bias correction (if the settings ask for it) is per layer, so measured once it holds for every variant
         shifts = bias_shifts(all_int8, onnx_path, calibration) if settings.bias_correction and not settings.refit \

@@ -156,3 +156,56 @@ def test_a_second_identical_build_reuses_the_refit(small_onnx, fitting_images, t
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     with pytest.raises(AssertionError, match="ran again"):  # another ridge is another re-fit
         quantize_onnx(small_onnx, tmp_path / "c.onnx", fitting_images, dataclasses.replace(settings, refit_ridge=2.0))
+
+
+def test_weighted_solve_matches_a_direct_solve_per_channel():
+    """The conjugate-gradient solve of the activation-weighted re-fit against each channel's own
+    weighted normal equations, solved directly."""
+    from edgeyolo.optimize.qat.refit import weighted_solve
+    from edgeyolo.optimize.reconstruct import _solve
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.cat([torch.randn(500, 7, generator=generator), torch.ones(500, 1)], 1)
+    y = rows @ torch.randn(8, 3, generator=generator) + 0.3 * torch.randn(500, 3, generator=generator)
+    v = torch.rand(500, 3, generator=generator) ** 4  # far from uniform: most rows nearly ignored
+    gram, prior, ridge = (rows.T @ rows).double(), torch.randn(8, 3, generator=generator).double(), 0.05
+    start = _solve(gram, (rows.T @ y).double(), prior, ridge)
+    got = weighted_solve(rows, y, v, gram, prior, start, ridge, iterations=12)
+    lam = ridge * float(torch.diagonal(gram).mean())
+    for c in range(3):
+        a, w = rows.double(), v[:, c].double()
+        mass = float(w.mean())
+        want = torch.linalg.solve(a.T @ (w[:, None] * a) + lam * mass * torch.eye(8, dtype=torch.float64),
+                                  a.T @ (w * y[:, c].double()) + lam * mass * prior[:, c])
+        assert torch.allclose(got[:, c], want, rtol=1e-4, atol=1e-4), c
+        assert not torch.allclose(start[:, c], want, rtol=1e-2, atol=1e-2)  # the weighting changed the answer
+
+
+def test_activation_weighted_refit(small_onnx, fitting_images, tmp_path):
+    """``refit_weighting = "activation"``: SiLU and the head's sigmoid are found behind their
+    convolutions, the weighted fit lowers the weighted error, and the manifest facts say which fit ran."""
+    from edgeyolo.optimize.qat.graph import QdqGraph
+    from edgeyolo.optimize.qat.refit import _activations
+    from edgeyolo.targets import load_target
+
+    model = onnx.load(str(small_onnx))
+    found = _activations(QdqGraph(model, model, trainable=False))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert sorted(set(found.values())) == ["sigmoid", "silu"]
+    assert [name for name in convs if found[name] == "sigmoid"] == [name for name in convs if "model.24" in name]
+    assert len(found) == len(convs)
+    settings = QuantizeSettings(method="mean-minmax", float_from_stride=0, refit=True, refit_weighting="activation")
+    facts = quantize_onnx(small_onnx, tmp_path / "w.onnx", fitting_images, settings)
+    before, after = facts["refit"]["mean_relative_error"]
+    assert after < before and facts["refit"]["weighting"] == "activation"
+    assert "activation-weighted" in settings.describe()
+    with pytest.raises(EdgeYoloError, match="refit_weighting"):
+        QuantizeSettings(refit=True, refit_weighting="output")
+    path = tmp_path / "own-int8.toml"
+    path.write_text('backend = "onnxruntime"\nprecision = "int8"\nhead = "sigmoid"\n'
+                    '[calibration]\nrefit = true\nrefit_weighting = "activation"\n')
+    assert QuantizeSettings.from_target(load_target(str(path))).refit_weighting == "activation"
+    path.write_text('backend = "onnxruntime"\nprecision = "int8"\nhead = "sigmoid"\n'
+                    '[calibration]\nrefit = true\nrefit_weighting = "post"\n')
+    with pytest.raises(EdgeYoloError, match="refit_weighting"):
+        load_target(str(path))

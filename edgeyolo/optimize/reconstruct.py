@@ -209,9 +209,11 @@ class NormalEquations:
     """AᵀA, AᵀY, Σ‖Y‖² and the row count, summed batch by batch; A = [im2col(input), 1] at the
     sampled output positions of one layer (the same positions as its targets, see ``_positions``)."""
 
-    def __init__(self):
+    def __init__(self, keep_rows: bool = False):
         self.gram = self.cross = None
         self.energy, self.count = 0.0, 0
+        # the rows themselves (float32), for objectives the normal equations cannot express (weighted per output)
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keep_rows else None
 
     def add(self, conv, x: torch.Tensor, y: torch.Tensor, layer: int, batch: int, per_image: int) -> None:
         picks = _positions(_output_positions(conv, x), layer, batch, per_image, x.shape[0])
@@ -221,6 +223,8 @@ class NormalEquations:
         self.cross = a.T @ y if self.cross is None else self.cross + a.T @ y
         self.energy += float((y * y).sum())
         self.count += len(picks)
+        if self.rows is not None:
+            self.rows.append((a.float(), y.float()))
 
 
 def _normal_equations(student, conv, batches, targets, index, per_image) -> NormalEquations:

@@ -17,6 +17,9 @@ graph. All calibration images advance through the student together, one node at 
 whole re-fit costs about one forward pass of each graph plus one small solve per convolution.
 The placement and the activation ranges are not changed: a build writes the Q/DQ ONNX again from
 the re-fit float weights with the same ranges (``refit_onnx``).
+
+``weighting="activation"`` (opt-in; measured in docs/int8.md, not the default) fits each output's
+error as it is *after* the SiLU or sigmoid that follows it (``weighted_solve``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ POSITIONS_PER_IMAGE = 512  # sampled output positions per image and convolution
 RIDGE = 1.0  # pull toward the FP32 weights, relative to the mean input energy (chosen on held-out images)
 CHUNK = 8  # images computed together at each node (memory: one chunk's temporaries at a time)
 MAX_IMAGES = 128  # every image's live activations are held at once: ~40 MB each at 640x640
+WEIGHTINGS = ("none", "activation")  # the error each output's fit minimises: before, or (weighted) after its activation
+WEIGHTING = "none"
+CG_ITERATIONS = 8  # conjugate-gradient steps of the weighted solve (preconditioned: converges in a few)
 
 
 @dataclass
@@ -81,7 +87,7 @@ def _fitted_convs(student: QdqGraph) -> list:
 
 @torch.no_grad()
 def refit(student: QdqGraph, teacher: QdqGraph, images: Sequence[torch.Tensor], *,
-          positions_per_image: int = POSITIONS_PER_IMAGE, ridge: float = RIDGE,
+          positions_per_image: int = POSITIONS_PER_IMAGE, ridge: float = RIDGE, weighting: str = WEIGHTING,
           progress: Callable[[int, int], None] | None = None) -> Refit:
     """Re-fit ``student``'s convolution weights and biases in place (see the module docstring).
 
@@ -99,7 +105,10 @@ def refit(student: QdqGraph, teacher: QdqGraph, images: Sequence[torch.Tensor], 
     student.eval()
     teacher.eval()
     convs = _fitted_convs(student)
+    if weighting not in WEIGHTINGS:
+        raise EdgeYoloError(f"refit weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
     targets = _teacher_targets(teacher, [node for node, _, _ in convs], chunks, positions_per_image)
+    activations = _activations(student) if weighting == "activation" else {}
     report = Refit(images=sum(len(c) for c in chunks))
     fitted = {node.name: (index, weight, bias) for index, (node, weight, bias) in enumerate(convs)}
 
@@ -107,7 +116,8 @@ def refit(student: QdqGraph, teacher: QdqGraph, images: Sequence[torch.Tensor], 
         if node.name in fitted:
             index, weight_name, bias_name = fitted[node.name]
             report.errors[node.name] = _refit_conv(student, node, weight_name, bias_name, states,
-                                                   targets[node.name], index, positions_per_image, ridge)
+                                                   targets[node.name], index, positions_per_image, ridge,
+                                                   activations.get(node.name))
             report.convs += 1
             if progress is not None:
                 progress(report.convs, len(convs))
@@ -134,10 +144,42 @@ def _teacher_targets(teacher: QdqGraph, nodes, chunks, per_image) -> dict[str, l
     return targets
 
 
+def _activations(graph: QdqGraph) -> dict[str, str]:
+    """Conv name → the nonlinearity its output goes through next: ``silu`` (read by a Sigmoid and a
+    Mul, as YOLOv5 exports SiLU) or ``sigmoid`` (the head, through reshapes); absent when linear."""
+    readers: dict[str, list] = {}
+    for node in graph.nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    found = {}
+    for node in graph.nodes:
+        if node.op_type != "Conv":
+            continue
+        tensor, ops = node.output[0], []
+        while True:
+            nexts = readers.get(tensor, [])
+            ops = sorted(n.op_type for n in nexts)
+            if len(nexts) == 1 and ops[0] in ("Reshape", "Transpose"):
+                tensor = nexts[0].output[0]
+                continue
+            break
+        if ops == ["Mul", "Sigmoid"]:
+            found[node.name] = "silu"
+        elif ops == ["Sigmoid"]:
+            found[node.name] = "sigmoid"
+    return found
+
+
+def _slope(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """d activation / d y at the FP32 pre-activation ``y``: how much an error there reaches the output."""
+    s = torch.sigmoid(y)
+    return s * (1 + y * (1 - s)) if activation == "silu" else s * (1 - s)
+
+
 def _refit_conv(student: QdqGraph, node, weight_name: str, bias_name: str, states, targets, index,
-                per_image, ridge) -> tuple[float, float]:
+                per_image, ridge, activation: str | None = None) -> tuple[float, float]:
     geometry = _conv_geometry(node)
-    eq = NormalEquations()
+    eq = NormalEquations(keep_rows=activation is not None)
     for c, state in enumerate(states):  # the quantised input the deployed graph gives this conv
         eq.add(geometry, student._value(node.input[0], state), targets[c], index, c, per_image)
     gram, cross, energy = eq.gram, eq.cross, eq.energy
@@ -149,6 +191,8 @@ def _refit_conv(student: QdqGraph, node, weight_name: str, bias_name: str, state
     before = _residual(current, gram, cross, energy)
     prior = _as_matrix(weight.double(), bias.double())
     solved = _solve(gram, cross, prior, ridge)
+    if activation is not None:
+        return _refit_weighted(eq, activation, weight, bias, deployed, current, prior, solved, ridge)
     new_weight = solved[:-1].T.reshape(weight.shape)
     rounded = deployed(new_weight).reshape(weight.shape[0], -1)
     # the bias that is best for the weights as they will be rounded: mean target minus mean response
@@ -159,6 +203,69 @@ def _refit_conv(student: QdqGraph, node, weight_name: str, bias_name: str, state
     weight.copy_(new_weight.to(weight.dtype))
     bias.copy_(new_bias.to(bias.dtype))
     return before, after
+
+
+def _refit_weighted(eq: NormalEquations, activation: str, weight, bias, deployed, current, prior, start,
+                    ridge: float) -> tuple[float, float]:
+    """The re-fit with each output's error weighted by the activation's slope² at the FP32 target
+    (the Gauss-Newton form of the error *after* the activation).
+
+    Where SiLU is flat (far-negative outputs, most positions of a deep layer) an error does not
+    reach the next layer, and fitting it there moves the outputs that do matter."""
+    rows = torch.cat([a for a, _ in eq.rows])
+    y = torch.cat([t for _, t in eq.rows])
+    v = _slope(y, activation).square()
+
+    def loss(matrix) -> float:
+        r = rows @ matrix.float() - y
+        return float((v * r * r).sum()) / max(float((v * y * y).sum()), 1e-12)
+
+    before = loss(current)
+    solved = weighted_solve(rows, y, v, eq.gram, prior, start, ridge)
+    new_weight = solved[:-1].T.reshape(weight.shape)
+    rounded = deployed(new_weight).reshape(weight.shape[0], -1)
+    residual = y - rows[:, :-1] @ rounded.T.float()  # the weighted-best bias for the rounded weights
+    new_bias = ((v * residual).sum(0) / v.sum(0).clamp_min(1e-12)).double()
+    after = loss(_as_matrix(rounded.reshape(weight.shape), new_bias))
+    if after >= before:
+        return before, before
+    weight.copy_(new_weight.to(weight.dtype))
+    bias.copy_(new_bias.to(bias.dtype))
+    return before, after
+
+
+def weighted_solve(rows: torch.Tensor, y: torch.Tensor, v: torch.Tensor, gram: torch.Tensor, prior: torch.Tensor,
+                   start: torch.Tensor, ridge: float, iterations: int = CG_ITERATIONS) -> torch.Tensor:
+    """argmin over each column c of Σ_p v[p,c]·(rows[p]·x_c − y[p,c])² + λ·m_c·‖x_c − prior_c‖².
+
+    One normal-equations matrix per output channel would not fit in memory (Cin·k·k squared, times
+    Cout), so every channel is solved at once by conjugate gradients from ``start``, preconditioned
+    by the unweighted ``gram`` (= rowsᵀrows) scaled by the channel's mean weight m_c: the weights
+    only reshape the same rows, so a few steps converge. λ is ``ridge`` × the mean of gram's
+    diagonal, as in the unweighted solve."""
+    mass = v.mean(0).clamp_min(1e-6).double()
+    lam = ridge * float(torch.diagonal(gram).mean())
+    factor = torch.linalg.cholesky(gram + lam * torch.eye(len(gram), dtype=gram.dtype))
+
+    def hessian(x):  # (rowsᵀ·V·rows + λ·m_c) x, every channel at once
+        return (rows.T @ (v * (rows @ x.float()))).double() + lam * mass * x
+
+    def precondition(r):
+        return torch.cholesky_solve(r, factor) / mass
+
+    x = start.clone()
+    r = (rows.T @ (v * y)).double() + lam * mass * prior - hessian(x)
+    z = precondition(r)
+    p, rz = z.clone(), (r * z).sum(0)
+    for _ in range(iterations):
+        hp = hessian(p)
+        alpha = rz / (p * hp).sum(0).clamp_min(1e-30)
+        x += alpha * p
+        r -= alpha * hp
+        z = precondition(r)
+        rz, rz_old = (r * z).sum(0), rz
+        p = z + (rz / rz_old.clamp_min(1e-30)) * p
+    return x
 
 
 def _as_matrix(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -172,7 +279,7 @@ def calibration_chunks(calibration) -> list[torch.Tensor]:
             itertools.islice(calibration.batches("NCHW", CHUNK), -(-MAX_IMAGES // CHUNK))]
 
 
-def refit_onnx(src, qdq, calibration, dst, *, ridge: float = RIDGE,
+def refit_onnx(src, qdq, calibration, dst, *, ridge: float = RIDGE, weighting: str = WEIGHTING,
                positions_per_image: int = POSITIONS_PER_IMAGE) -> Refit:
     """Write ``src`` (the float ONNX ``qdq`` was quantised from) to ``dst`` with re-fit weights.
 
@@ -186,7 +293,7 @@ def refit_onnx(src, qdq, calibration, dst, *, ridge: float = RIDGE,
     float_model = onnx.load(str(src))
     student = QdqGraph(qdq, float_model, learn_scales=False, trainable=False)
     teacher = QdqGraph(float_model, float_model, trainable=False)
-    report = refit(student, teacher, calibration_chunks(calibration), ridge=ridge,
+    report = refit(student, teacher, calibration_chunks(calibration), ridge=ridge, weighting=weighting,
                    positions_per_image=positions_per_image)
     weights = student.float_weights()
     for init in float_model.graph.initializer:

@@ -178,7 +178,8 @@ class QatRun:
                                extra_float=kept_nodes(calib_model, self.settings.keep_float))
             student = QdqGraph(qdq, calib_model, learn_scales=False, trainable=False)
         report = refit(student, QdqGraph(calib_model, calib_model, trainable=False),
-                       calibration_chunks(self.calibration), ridge=self.settings.refit_ridge)
+                       calibration_chunks(self.calibration), ridge=self.settings.refit_ridge,
+                       weighting=self.settings.refit_weighting)
         if student is not self.student:
             with torch.no_grad():
                 for key, value in student.weights.items():
