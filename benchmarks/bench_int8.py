@@ -271,6 +271,9 @@ CANDIDATES = {
                                                                   "refit_ridge": float(ridge),
                                                                   "refit_weighting": "activation"})
        for ridge in ("1e-1", "1")},
+    # the re-fit default with the head convolutions (the most sensitive block after the first) in float
+    "cpu-ort-all-mean-minmax-refit-r1-keep24": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "refit": True,
+                                                            "refit_ridge": 1.0, "keep_float": ["model.24"]}),
     "intel-today": ("intel-cpu-int8", TODAY["intel-cpu-int8"]),
     "intel-histogram-full-bc": ("intel-cpu-int8", {"openvino_activations_range": "histogram",
                                                    "openvino_fast_bias_correction": False}),
