@@ -46,10 +46,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeYoloError
+from .targets import REFIT_WEIGHTINGS
 
 METHODS = ("mean-minmax", "minmax", "entropy", "percentile")
 DEFAULT_METHOD = "mean-minmax"
-REFIT_WEIGHTINGS = ("none", "activation")  # see optimize/qat/refit.py
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_FLOAT_STRIDE = 32
 SILU_NEGATIVE_FLOOR = 6.0  # SiLU(-6) = -0.015: below that the input's exact value no longer matters

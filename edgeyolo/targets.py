@@ -90,6 +90,7 @@ TOP_LEVEL = ("name", "description", "backend", "precision", "imgsz", "batch", "d
              "head", "opset", "calibration", "runtime")
 CALIBRATION_KEYS = ("seed", "size", "method", "percentile", "float_from_stride", "keep_float", "bias_correction",
                     "refit", "refit_ridge", "refit_weighting")
+REFIT_WEIGHTINGS = ("none", "activation")  # the weight re-fit's objective (optimize/qat/refit.py)
 MAX_KEEP_FLOAT = 256  # layer names a target may leave in float
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 
@@ -123,7 +124,7 @@ def read_target(path: Path) -> Target:
     calibration.boolean("bias_correction", default=False)
     calibration.boolean("refit", default=False)
     calibration.number("refit_ridge", default=1.0, lo=1e-6, hi=10)
-    calibration.string("refit_weighting", default="none", choices=("none", "activation"))
+    calibration.string("refit_weighting", default="none", choices=REFIT_WEIGHTINGS)
     keep_float = calibration.raw("keep_float", [])
     if not isinstance(keep_float, list) or len(keep_float) > MAX_KEEP_FLOAT or not all(
             isinstance(name, str) and 0 < len(name) <= 200 for name in keep_float):

@@ -33,6 +33,7 @@ import torch
 from onnx import helper
 
 from ...errors import EdgeYoloError
+from ...targets import REFIT_WEIGHTINGS
 from ..reconstruct import NormalEquations, _positions, _residual, _solve
 from .fakequant import fake_quantize_weight
 from .graph import QdqGraph, _key
@@ -41,8 +42,7 @@ POSITIONS_PER_IMAGE = 512  # sampled output positions per image and convolution
 RIDGE = 1.0  # pull toward the FP32 weights, relative to the mean input energy (chosen on held-out images)
 CHUNK = 8  # images computed together at each node (memory: one chunk's temporaries at a time)
 MAX_IMAGES = 128  # every image's live activations are held at once: ~40 MB each at 640x640
-WEIGHTINGS = ("none", "activation")  # the error each output's fit minimises: before, or (weighted) after its activation
-WEIGHTING = "none"
+WEIGHTING = "none"  # the error each output's fit minimises: before ("none") or, weighted, after its activation
 CG_ITERATIONS = 8  # conjugate-gradient steps of the weighted solve (preconditioned: converges in a few)
 
 
@@ -105,8 +105,8 @@ def refit(student: QdqGraph, teacher: QdqGraph, images: Sequence[torch.Tensor], 
     student.eval()
     teacher.eval()
     convs = _fitted_convs(student)
-    if weighting not in WEIGHTINGS:
-        raise EdgeYoloError(f"refit weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+    if weighting not in REFIT_WEIGHTINGS:
+        raise EdgeYoloError(f"refit weighting must be one of {', '.join(REFIT_WEIGHTINGS)}, not {weighting!r}")
     targets = _teacher_targets(teacher, [node for node, _, _ in convs], chunks, positions_per_image)
     activations = _activations(student) if weighting == "activation" else {}
     report = Refit(images=sum(len(c) for c in chunks))
