@@ -2,12 +2,14 @@
 
     python benchmarks/bench_qat.py train --out qat-study [--name default] [QAT options]   # QAT on the pool
     python benchmarks/bench_qat.py proxy --out qat-study --runs default [--images 16]       # choose: tune proxy
-    python benchmarks/bench_qat.py eval  --out qat-study --set tune|val [--runs default] [--only-qat]  # mAP
+    python benchmarks/bench_qat.py eval  --out qat-study --set tune|coco128|val [--runs default] [--only-qat]  # mAP
     python benchmarks/bench_qat.py speed --out qat-study [--rounds 10 --iters 10]           # FPS vs FP32
 
 The split is ``bench_int8``'s (coco-tune-1193 sorted by name, ``random.Random(0)`` shuffle): the
 first 400 images are the **tune** set (settings are chosen on it), the other 793 the **pool** QAT
-trains on (label-free). Calibration: coco128 (128 images), for PTQ and for QAT's initial ranges.
+trains on (label-free). ``--set coco128`` is a second choosing set: the calibration images, which QAT
+never trains on, original COCO JPEGs as coco-val-500's are (the tune split and the pool are
+re-encoded at JPEG quality 82, and QAT chosen on tune has over-promised on coco-val-500). Calibration: coco128 (128 images), for PTQ and for QAT's initial ranges.
 The PTQ row of each run uses the very placement the run trained (method, float stage, kept layers).
 Results are JSON lines in ``OUT/results.jsonl``; ``speed`` writes ``OUT/speed.json``.
 """
@@ -54,7 +56,9 @@ def train(args) -> None:
 def dataset_for(name: str):
     from edgeyolo.datasets import load_dataset
 
-    return tune_split()[0] if name == "tune" else load_dataset(VAL)
+    if name == "tune":
+        return tune_split()[0]
+    return load_dataset(COCO128.parent if name == "coco128" else VAL)
 
 
 def evaluate(bundle, dataset) -> dict:
@@ -203,7 +207,7 @@ def main(argv=None) -> None:
     parser.add_argument("--fixed-scales", action="store_true")
     parser.add_argument("--limit", type=int, help="train: images of the pool used (default: all 793)")
     parser.add_argument("--float-from-stride", type=int, help="train: override the target's float stage")
-    parser.add_argument("--set", choices=("tune", "val"), default="tune")
+    parser.add_argument("--set", choices=("tune", "coco128", "val"), default="tune")
     parser.add_argument("--runs", nargs="*", default=["default"])
     parser.add_argument("--targets", nargs="*", default=["cpu-int8", "intel-cpu-int8"])
     parser.add_argument("--only-qat", action="store_true",
