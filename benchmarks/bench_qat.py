@@ -46,7 +46,7 @@ def train(args) -> None:
     config = QatConfig(weights=str(WEIGHTS), data=str(write_pool(out)), calib=str(COCO128), out=str(out / args.name),
                        imgsz=args.imgsz, calib_imgsz=args.imgsz_calib, epochs=args.epochs, batch=args.batch, lr=args.lr, scale_lr=args.scale_lr,
                        learn_scales=not args.fixed_scales, limit=args.limit, calib_size=128,
-                       float_from_stride=args.float_from_stride)
+                       float_from_stride=args.float_from_stride, seed=args.seed)
     start = time.perf_counter()
     QatRun(config).run()
     record(out, {"phase": "train", "name": args.name, "seconds": round(time.perf_counter() - start, 1),
@@ -204,7 +204,8 @@ def main(argv=None) -> None:
     parser.add_argument("--imgsz-calib", type=int, default=640, help="train: ranges calibrated at this size")
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--scale-lr", type=float, default=5e-3)
-    parser.add_argument("--fixed-scales", action="store_true")
+    parser.add_argument("--fixed-scales", action="store_true", help="train: keep the calibrated activation scales")
+    parser.add_argument("--seed", type=int, default=0, help="train: image order and flips (run-to-run spread)")
     parser.add_argument("--limit", type=int, help="train: images of the pool used (default: all 793)")
     parser.add_argument("--float-from-stride", type=int, help="train: override the target's float stage")
     parser.add_argument("--set", choices=("tune", "coco128", "val"), default="tune")

@@ -26,7 +26,7 @@ def qat_run(yolov5n_pt, coco128, tmp_path_factory) -> Path:
     # every stage INT8 (the default keeps stride 32 in float; at 64 px that is half the graph)
     config = QatConfig(weights=str(yolov5n_pt), data=str(coco128 / "images"), calib=str(coco128 / "images"),
                        out=str(out), imgsz=IMGSZ, batch=2, limit=4, calib_size=4, float_from_stride=0,
-                       lr=1e-4, scale_lr=1e-2, save_every=0)
+                       lr=1e-4, scale_lr=1e-2, learn_scales=True, save_every=0)
     QatRun(config).run()
     return out
 
@@ -247,6 +247,22 @@ def test_bad_qat_checkpoint_is_one_line_and_exit_2(qat_checkpoint, tmp_path, edi
     errors = [line for line in result.output.splitlines() if "QAT" in line]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     assert not out.exists()
+
+
+def test_fixed_scales_keep_the_calibrated_ones(yolov5n_pt, coco128, tmp_path):
+    """``--fixed-scales`` trains the weights only: the checkpoint's scales are the calibrated ranges' own."""
+    from edgeyolo.model import load_model
+    from edgeyolo.optimize.qat.trainer import QatConfig, QatRun
+
+    config = QatConfig(weights=str(yolov5n_pt), data=str(coco128 / "images"), calib=str(coco128 / "images"),
+                       out=str(tmp_path / "run"), imgsz=IMGSZ, batch=2, limit=2, calib_size=2, float_from_stride=0,
+                       learn_scales=False, save_every=0)
+    qat = load_model(QatRun(config).run()).description["meta"]["qat"]
+    assert qat["training"]["learn_scales"] is False
+    calibrated = {k: max(map(abs, qat["ranges"][k[:-len("_scale")]])) / 127.5 for k in qat["scales"]
+                  if k != "images_scale" and k[:-len("_scale")] in qat["ranges"]}  # symmetric: the larger side
+    assert len(calibrated) > 20
+    assert all(qat["scales"][k] == pytest.approx(v, rel=1e-6) for k, v in calibrated.items())
 
 
 def test_qat_refuses_a_tflite_target(yolov5n_pt, coco128, tmp_path):
