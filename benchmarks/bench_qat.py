@@ -7,9 +7,11 @@
 
 The split is ``bench_int8``'s (coco-tune-1193 sorted by name, ``random.Random(0)`` shuffle): the
 first 400 images are the **tune** set (settings are chosen on it), the other 793 the **pool** QAT
-trains on (label-free). ``--set coco128`` is a second choosing set: the calibration images, which QAT
-never trains on, original COCO JPEGs as coco-val-500's are (the tune split and the pool are
-re-encoded at JPEG quality 82, and QAT chosen on tune has over-promised on coco-val-500). Calibration: coco128 (128 images), for PTQ and for QAT's initial ranges.
+trains on (label-free). Calibration: coco128 (128 images), for PTQ and for QAT's initial ranges.
+``--set coco128`` is a second choosing set: the calibration images, which QAT never trains on,
+original COCO JPEGs as coco-val-500's are (the tune split and the pool are re-encoded at JPEG
+quality 82, and QAT chosen on tune has over-promised on coco-val-500). ``--seed`` (train) varies
+the image order and flips: the spread between seeds is as large as the recipes' differences.
 The PTQ row of each run uses the very placement the run trained (method, float stage, kept layers).
 Results are JSON lines in ``OUT/results.jsonl``; ``speed`` writes ``OUT/speed.json``.
 """

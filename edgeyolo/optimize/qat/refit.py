@@ -188,11 +188,11 @@ def _refit_conv(student: QdqGraph, node, weight_name: str, bias_name: str, state
     quantized = weight_name in student.weight_dq.values()
     deployed = lambda w: fake_quantize_weight(w) if quantized else w  # noqa: E731
     current = _as_matrix(deployed(weight.double()), bias.double())
-    before = _residual(current, gram, cross, energy)
     prior = _as_matrix(weight.double(), bias.double())
     solved = _solve(gram, cross, prior, ridge)
-    if activation is not None:
+    if activation is not None:  # its own (weighted) error before and after
         return _refit_weighted(eq, activation, weight, bias, deployed, current, prior, solved, ridge)
+    before = _residual(current, gram, cross, energy)
     new_weight = solved[:-1].T.reshape(weight.shape)
     rounded = deployed(new_weight).reshape(weight.shape[0], -1)
     # the bias that is best for the weights as they will be rounded: mean target minus mean response
@@ -214,11 +214,13 @@ def _refit_weighted(eq: NormalEquations, activation: str, weight, bias, deployed
     reach the next layer, and fitting it there moves the outputs that do matter."""
     rows = torch.cat([a for a, _ in eq.rows])
     y = torch.cat([t for _, t in eq.rows])
+    eq.rows.clear()  # the batches' copies: the layer's rows are the largest memory of the re-fit
     v = _slope(y, activation).square()
+    energy = max(float((v * y * y).sum()), 1e-12)
 
     def loss(matrix) -> float:
         r = rows @ matrix.float() - y
-        return float((v * r * r).sum()) / max(float((v * y * y).sum()), 1e-12)
+        return float((v * r * r).sum()) / energy
 
     before = loss(current)
     solved = weighted_solve(rows, y, v, eq.gram, prior, start, ridge)
