@@ -161,6 +161,16 @@ class Study:
         row["seconds"] = round(time.perf_counter() - start, 1)
         return self.record(row)
 
+    def again(self, phase: str, name: str, built: dict, dataset) -> dict:
+        """``built``'s bundle (a recorded row) evaluated on another dataset, recorded as ``name``."""
+        if (phase, name) in self.done:
+            return self.done[(phase, name)]
+        start = time.perf_counter()
+        row = {**{k: built[k] for k in ("target", "calibration_images", "calibration_fold", "recipe", "bundle")},
+               "phase": phase, "name": name, "split": split_facts(), **self.evaluate(Path(built["bundle"]), dataset),
+               "seconds": round(time.perf_counter() - start, 1)}
+        return self.record(row)
+
     def evaluate(self, bundle, dataset) -> dict:
         from edgeyolo.evaluate import evaluate
         from edgeyolo.gate import load_for_eval
@@ -274,6 +284,16 @@ CANDIDATES = {
     # the re-fit default with the head convolutions (the most sensitive block after the first) in float
     "cpu-ort-all-mean-minmax-refit-r1-keep24": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "refit": True,
                                                             "refit_ridge": 1.0, "keep_float": ["model.24"]}),
+    # asymmetric activations (each tensor's own uint8 zero point; ONNX Runtime only, not TensorRT)
+    "cpu-ort-all-mean-minmax-asym": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "activations": "asymmetric"}),
+    "cpu-ort-all-mean-minmax-refit-r1-asym": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "refit": True,
+                                                          "refit_ridge": 1.0, "activations": "asymmetric"}),
+    # Q/DQ only on layer inputs (TensorRT's fused Conv+BN+SiLU); symmetric, and asymmetric for comparison
+    "cpu-ort-all-mean-minmax-refit-r1-trt": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "refit": True,
+                                                         "refit_ridge": 1.0, "placement": "tensorrt"}),
+    "cpu-ort-all-mean-minmax-refit-r1-trt-asym": ("cpu-int8", {**ALL_INT8, "method": "mean-minmax", "refit": True,
+                                                              "refit_ridge": 1.0, "placement": "tensorrt",
+                                                              "activations": "asymmetric"}),
     "intel-today": ("intel-cpu-int8", TODAY["intel-cpu-int8"]),
     "intel-histogram-full-bc": ("intel-cpu-int8", {"openvino_activations_range": "histogram",
                                                    "openvino_fast_bias_correction": False}),
@@ -287,15 +307,26 @@ def choose(args) -> None:
     - cv: coco128 in two seeded halves, each calibrated on one half and evaluated on the other
       (original COCO JPEGs, as deployment images are; training images of YOLOv5n, so only drops count).
     A recipe is chosen only if it is better on both.
+
+    ``--wide``: each tune-set bundle is also evaluated on all 1,193 images of coco-tune-1193 (the tune
+    split and the pool: none of them calibrates these bundles), three times the tune set's images.
     """
     s = Study(Path(args.out))
     fp32 = {"tune": s.variant("choose", "fp32-tune", "cpu-fp32", s.tune, size=0)["map50_95"]}
+    if args.wide:
+        from edgeyolo.datasets import load_dataset
+
+        wide = load_dataset(TUNE)
+        fp32["wide"] = s.again("choose", "fp32-wide", s.done[("choose", "fp32-tune")], wide)["map50_95"]
     for fold in "AB":
         fp32[fold] = s.variant("choose", f"fp32-cv{fold}", "cpu-fp32", coco128_eval_half(fold), size=0)["map50_95"]
     table = []
     for name in args.candidates:
         target, recipe = CANDIDATES[name]
-        drops = {"tune": s.variant("choose", f"{name}-tune", target, s.tune, **recipe)["map50_95"] - fp32["tune"]}
+        built = s.variant("choose", f"{name}-tune", target, s.tune, **recipe)
+        drops = {"tune": built["map50_95"] - fp32["tune"]}
+        if args.wide:
+            drops["wide"] = s.again("choose", f"{name}-wide", built, wide)["map50_95"] - fp32["wide"]
         if not args.tune_only:
             for fold in "AB":
                 row = s.variant("choose", f"{name}-cv{fold}", target, coco128_eval_half(fold), fold=fold, **recipe)
@@ -347,6 +378,7 @@ def main(argv=None) -> None:
     parser.add_argument("--also", nargs="*", default=[], help="speed: more bundles of OUT to time, as PHASE:NAME")
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="choose: recipes to compare")
     parser.add_argument("--tune-only", action="store_true", help="choose: the tune set only (no coco128 folds)")
+    parser.add_argument("--wide", action="store_true", help="choose: also all of coco-tune-1193 (tune + pool)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)

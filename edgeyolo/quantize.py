@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeYoloError
-from .targets import REFIT_WEIGHTINGS
+from .targets import ACTIVATION_SCHEMES, PLACEMENTS, REFIT_WEIGHTINGS
 
 METHODS = ("mean-minmax", "minmax", "entropy", "percentile")
 DEFAULT_METHOD = "mean-minmax"
@@ -55,6 +55,8 @@ DEFAULT_FLOAT_STRIDE = 32
 SILU_NEGATIVE_FLOOR = 6.0  # SiLU(-6) = -0.015: below that the input's exact value no longer matters
 MAX_IMAGES_PER_PASS = 8  # histogram methods: images whose every activation is in memory at once (~0.3 GB each)
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+ACTIVATION_FACTS = {"symmetric": "int8 symmetric per-tensor (stored uint8, zero point 128)",
+                    "asymmetric": "uint8 asymmetric per-tensor (each tensor's own zero point; not for TensorRT)"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class QuantizeSettings:
     refit: bool = False  # re-fit each convolution's weights for its quantised inputs (``refit_weights``)
     refit_ridge: float = 1.0  # how strongly the re-fit stays near the FP32 weights
     refit_weighting: str = "none"  # "activation": fit each output's error as it is after its activation
+    activations: str = "symmetric"  # "asymmetric": uint8 with each tensor's own zero point (not TensorRT)
+    placement: str = "onnxruntime"  # "tensorrt": no Q/DQ between a convolution and its SiLU
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -82,6 +86,11 @@ class QuantizeSettings:
         if self.refit_weighting not in REFIT_WEIGHTINGS:
             raise EdgeYoloError(f"refit_weighting must be one of {', '.join(REFIT_WEIGHTINGS)}, "
                                 f"not {self.refit_weighting!r}")
+        if self.activations not in ACTIVATION_SCHEMES:
+            raise EdgeYoloError(f"activations must be one of {', '.join(ACTIVATION_SCHEMES)}, "
+                                f"not {self.activations!r}")
+        if self.placement not in PLACEMENTS:
+            raise EdgeYoloError(f"placement must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")
         if not 90.0 <= self.percentile < 100.0:
             raise EdgeYoloError(f"calibration percentile must be in [90, 100), not {self.percentile}")
         if self.float_from_stride < 0:
@@ -99,10 +108,16 @@ class QuantizeSettings:
                    keep_float=_as_names(calib.get("keep_float", ())),
                    bias_correction=calib.get("bias_correction", False),
                    refit=calib.get("refit", False), refit_ridge=calib.get("refit_ridge", 1.0),
-                   refit_weighting=calib.get("refit_weighting", "none"))
+                   refit_weighting=calib.get("refit_weighting", "none"),
+                   activations=calib.get("activations", "symmetric"),
+                   placement=calib.get("placement", "onnxruntime"))
 
     def describe(self) -> str:
         method = f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
+        if self.activations == "asymmetric":
+            method += ", asymmetric activations"
+        if self.placement == "tensorrt":
+            method += ", Q/DQ on layer inputs only"
         if self.refit:
             weighted = ", activation-weighted" if self.refit_weighting == "activation" else ""
             return method + f", least-squares weight re-fit (ridge {self.refit_ridge:g}{weighted})"
@@ -231,7 +246,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration, settings: Quant
         "bias_corrected_convs": corrected,
         **({"refit": refit} if refit else {}),
         "weights": "int8 symmetric per-channel",
-        "activations": "int8 symmetric per-tensor (stored uint8, zero point 128)",
+        "activations": ACTIVATION_FACTS[settings.activations],
         "images": len(calibration),
         "float_from_stride": settings.float_from_stride,
         "keep_float": list(settings.keep_float),
@@ -292,7 +307,7 @@ def write_qdq(src: Path, ranges: Ranges, settings: QuantizeSettings, extra_float
     head = split_head(model)
     excluded = sorted(set(head.decode) | set(coarse_nodes(model, settings.float_from_stride)) | set(extra_float))
     op_types = sorted({n.op_type for n in model.graph.node} - {"Constant"})
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    extra = {"ActivationSymmetric": settings.activations == "symmetric", "WeightSymmetric": True}
     with tempfile.TemporaryDirectory(prefix=f"edgeyolo-quantize-{os.getpid()}-") as work, _quiet_quantizer():
         quantizer = q.QDQQuantizer(
             _load_with_shapes(src), True, False, q.QuantType.QInt8, q.QuantType.QUInt8, ranges.data, [], excluded,
@@ -302,6 +317,8 @@ def write_qdq(src: Path, ranges: Ranges, settings: QuantizeSettings, extra_float
         quantizer.model.save_model_to_file(str(Path(work) / "qdq.onnx"))  # topologically sorted on the way
         qdq = onnx.load(str(Path(work) / "qdq.onnx"))
     removed = remove_qdq_on(qdq, head.float_tensors)
+    if settings.placement == "tensorrt":
+        removed += remove_qdq_on(qdq, inside_silus(model))
     read_float_inputs(qdq, extra_float)
     _tag(qdq, model, settings)
     return qdq, removed
@@ -408,7 +425,7 @@ def bias_shifts(qdq, src: Path, calibration) -> dict:
     inits = {i.name: i for i in qdq.graph.initializer}
     producer = {out: node for node in qdq.graph.node for out in node.output}
     array = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
-    plan = []  # (conv, float tensor, input scale, input zero point)
+    plan = []  # (conv, float tensor, input scale, input zero point, its integer range)
     for node in qdq.graph.node:
         if node.op_type != "Conv" or len(node.input) < 3 or node.name not in float_convs:
             continue
@@ -417,27 +434,28 @@ def bias_shifts(qdq, src: Path, calibration) -> dict:
         if x_q is None or x_q.op_type != "QuantizeLinear" or any(
                 dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits for dq in (w_dq, b_dq)):
             continue
-        plan.append((node, x_q.input[0], float(array(x_q.input[1])), int(array(x_q.input[2]))))
+        zero = array(x_q.input[2])
+        bounds = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
+        plan.append((node, x_q.input[0], float(array(x_q.input[1])), int(zero), bounds))
     if not plan:
         return {}
     input_name = reference.graph.input[0].name
-    tensors = sorted({t for _, t, _, _ in plan} - {input_name})
+    tensors = sorted({t for _, t, _, _, _ in plan} - {input_name})
     session = ort.InferenceSession(onnx_with_outputs(reference, tensors).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
-    keys = {(t, scale, zero) for _, t, scale, zero in plan}
-    sums: dict = {}  # (tensor, scale, zero point) -> per-channel [float mean, mean after Q/DQ], summed over images
+    keys = {(t, scale, zero, bounds) for _, t, scale, zero, bounds in plan}
+    sums: dict = {}  # (tensor, scale, zero point, range) -> per-channel [float mean, mean after Q/DQ], summed over images
     for batch in calibration.batches("NCHW", 1):
         values = dict(zip(tensors, session.run(tensors, {input_name: batch})), **{input_name: batch})
         for key in keys:
-            tensor, scale, zero = key
+            tensor, scale, zero, (low, high) = key
             x = values[tensor].astype(np.float64)
-            low, high = (0, 255) if zero == 128 else (-128, 127)
             rounded = (np.clip(np.rint(x / scale) + zero, low, high) - zero) * scale
             found = [x.mean(axis=(0, 2, 3)), rounded.mean(axis=(0, 2, 3))]
             sums[key] = [a + b for a, b in zip(sums[key], found)] if key in sums else found
     shifts = {}
-    for conv, tensor, scale, zero in plan:
-        float_mean, rounded_mean = (v / len(calibration) for v in sums[(tensor, scale, zero)])
+    for conv, tensor, scale, zero, bounds in plan:
+        float_mean, rounded_mean = (v / len(calibration) for v in sums[(tensor, scale, zero, bounds)])
         weight = numpy_helper.to_array(float_weights[float_convs[conv.name].input[1]]).astype(np.float64)
         w_dq, b_dq = producer[conv.input[1]], producer[conv.input[2]]
         w_scale = array(w_dq.input[1]).astype(np.float64).reshape(-1, 1, 1, 1)
@@ -479,6 +497,22 @@ def calibrate(q, src: Path, work: Path, calibration, input_name: str, settings: 
             reader.set_range(start, start + reader.pass_size)
             calibrator.collect_data(reader)
     return calibrator.compute_data()
+
+
+def inside_silus(model) -> list[str]:
+    """The tensors between a convolution and its SiLU's output: the convolution's output and the sigmoid's."""
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    inside = []
+    for node in model.graph.node:
+        out = node.output[0] if node.op_type == "Conv" else None
+        if out is None or sorted(n.op_type for n in readers.get(out, ())) != ["Mul", "Sigmoid"]:
+            continue
+        sigmoid = next(n for n in readers[out] if n.op_type == "Sigmoid")
+        inside += [out, sigmoid.output[0]]
+    return inside
 
 
 def clip_silu_inputs(q, ranges, model, floor: float | None = None) -> int:

@@ -89,8 +89,15 @@ MAX_TARGET_BYTES = 1 << 20
 TOP_LEVEL = ("name", "description", "backend", "precision", "imgsz", "batch", "dynamic_batch", "dynamic_shape",
              "head", "opset", "calibration", "runtime")
 CALIBRATION_KEYS = ("seed", "size", "method", "percentile", "float_from_stride", "keep_float", "bias_correction",
-                    "refit", "refit_ridge", "refit_weighting")
+                    "refit", "refit_ridge", "refit_weighting", "activations", "placement")
 REFIT_WEIGHTINGS = ("none", "activation")  # the weight re-fit's objective (optimize/qat/refit.py)
+# How Q/DQ activations are stored: "symmetric" (zero point 0 in int8 terms: the only form TensorRT
+# takes) or "asymmetric" (uint8 with each tensor's own zero point: all 256 steps over [min, max])
+ACTIVATION_SCHEMES = ("symmetric", "asymmetric")
+# Where Q/DQ pairs go: "onnxruntime" also on each convolution's output and inside its SiLU (ONNX
+# Runtime fuses an integer convolution only between a DQ and a Q); "tensorrt" only where TensorRT
+# reads INT8 (convolution, add and concat inputs), so Conv+BN+SiLU runs as one fused INT8 layer
+PLACEMENTS = ("onnxruntime", "tensorrt")
 MAX_KEEP_FLOAT = 256  # layer names a target may leave in float
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 
@@ -125,6 +132,10 @@ def read_target(path: Path) -> Target:
     calibration.boolean("refit", default=False)
     calibration.number("refit_ridge", default=1.0, lo=1e-6, hi=10)
     calibration.string("refit_weighting", default="none", choices=REFIT_WEIGHTINGS)
+    calibration.string("placement", default="onnxruntime", choices=PLACEMENTS)
+    if calibration.string("activations", default="symmetric", choices=ACTIVATION_SCHEMES) != "symmetric" \
+            and backend == "tensorrt":
+        calibration.fail("activations", "must be \"symmetric\" for TensorRT (it takes no zero points)")
     keep_float = calibration.raw("keep_float", [])
     if not isinstance(keep_float, list) or len(keep_float) > MAX_KEEP_FLOAT or not all(
             isinstance(name, str) and 0 < len(name) <= 200 for name in keep_float):

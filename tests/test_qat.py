@@ -133,7 +133,8 @@ def test_qat_checkpoint_records_learned_scales_and_writes_qdq(qat_run, qat_check
     qat = loaded.description["meta"]["qat"]
     assert qat["format"] == "edgeyolo-qat" and qat["training"]["steps"] == 2
     assert qat["settings"]["float_from_stride"] == 0
-    assert qat["refit"]["convs"] > 10  # cpu-int8's recipe: training starts from the re-fit PTQ graph
+    assert qat["refit"]["convs"] > 10  # the target's recipe: training starts from the re-fit PTQ graph
+    assert qat["settings"]["placement"] == "onnxruntime"
     assert Path(qat["teacher"]["weights"]).is_file()
     qdq = onnx.load(str(qat_run / "model.qdq.onnx"))
     ops = {n.op_type for n in qdq.graph.node}
@@ -233,8 +234,10 @@ def _drop_a_scale(qat):
     lambda qat: qat["scales"].update({"images_scale": -1.0}),
     lambda qat: qat.update(version=99),
     lambda qat: qat["settings"].update(keep_float="model.0"),
+    lambda qat: qat["settings"].update(placement="everywhere"),
+    lambda qat: qat["settings"].update(placement="tensorrt"),  # not the graph these scales were trained on
     _drop_a_scale,
-], ids=["negative-scale", "version", "keep-float-type", "scale-missing"])
+], ids=["negative-scale", "version", "keep-float-type", "placement-unknown", "placement-other", "scale-missing"])
 def test_bad_qat_checkpoint_is_one_line_and_exit_2(qat_checkpoint, tmp_path, edit):
     from click.testing import CliRunner
 

@@ -1,7 +1,7 @@
 """Fake quantisers with the deployed arithmetic (ONNX Runtime's QDQ format, TensorRT's explicit INT8).
 
-Activations: per-tensor symmetric, stored as uint8 around zero point 128 (``quantize.py``), so
-``q = clamp(round(x / s) + 128, 0, 255)``. The scale is learned LSQ-style (Esser et al., 2020):
+Activations: per-tensor, stored as uint8 around zero point 128 when symmetric (``quantize.py``), so
+``q = clamp(round(x / s) + 128, 0, 255)``; an asymmetric graph's own zero point takes 128's place. The scale is learned LSQ-style (Esser et al., 2020):
 rounding passes the gradient straight through, the clamp and the scale do not, so the scale
 receives the gradient of both its rounding and its clipping error. It is parametrised as
 ``initial · exp(g)``: it stays positive, Adam steps are relative, and before any step it is the
@@ -26,10 +26,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class ActivationQuantizer(nn.Module):
-    """One QuantizeLinear→DequantizeLinear pair: uint8, zero point 128, a learnable (or fixed) scale."""
+    """One QuantizeLinear→DequantizeLinear pair: uint8, its zero point (128: symmetric), a learnable (or fixed) scale."""
 
-    def __init__(self, scale: float, learnable: bool = True):
+    def __init__(self, scale: float, learnable: bool = True, zero_point: int = ACT_ZERO_POINT):
         super().__init__()
+        self.zero_point = int(zero_point)
         self.register_buffer("initial", torch.tensor(scale, dtype=torch.float32))
         self.log_gain = nn.Parameter(torch.zeros((), dtype=torch.float32), requires_grad=learnable)
 
@@ -39,8 +40,8 @@ class ActivationQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scale
-        q = torch.clamp(round_ste(x / s) + ACT_ZERO_POINT, ACT_QMIN, ACT_QMAX)
-        return (q - ACT_ZERO_POINT) * s
+        q = torch.clamp(round_ste(x / s) + self.zero_point, ACT_QMIN, ACT_QMAX)
+        return (q - self.zero_point) * s
 
 
 def weight_scale(weight: torch.Tensor) -> torch.Tensor:

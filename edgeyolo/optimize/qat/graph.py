@@ -21,7 +21,6 @@ from torch.nn import functional as F
 
 from ...errors import EdgeYoloError
 from .fakequant import (
-    ACT_ZERO_POINT,
     ActivationQuantizer,
     fake_quantize_weight,
     round_ste,
@@ -102,13 +101,13 @@ class QdqGraph(nn.Module):
     def _activation_quantize(self, node, consts, learn_scales: bool) -> None:
         scale_name, zp_name = node.input[1], node.input[2]
         zero_point = consts.get(zp_name)
-        if zero_point is None or zero_point.dtype != np.uint8 or int(zero_point) != ACT_ZERO_POINT:
-            raise EdgeYoloError(f"QAT: {node.name}: expected a uint8 zero point of {ACT_ZERO_POINT} "
-                                f"(symmetric activations), found {zero_point!r}")
+        if zero_point is None or zero_point.dtype != np.uint8 or zero_point.size != 1:
+            raise EdgeYoloError(f"QAT: {node.name}: expected one uint8 zero point (128 where symmetric), "
+                                f"found {zero_point!r}")
         if _key(scale_name) not in self.quantizers:
             scale = float(consts[scale_name])
             self.quantizers[_key(scale_name)] = ActivationQuantizer(
-                scale, learnable=learn_scales and scale_name not in FIXED_SCALES)
+                scale, learnable=learn_scales and scale_name not in FIXED_SCALES, zero_point=int(zero_point))
         self.q_scale[node.output[0]] = scale_name
         self.q_input[node.output[0]] = node.input[0]
 

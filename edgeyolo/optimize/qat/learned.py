@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EdgeYoloError
+from ...targets import PLACEMENTS
 
 FORMAT = "edgeyolo-qat"
 VERSION = 1
@@ -56,7 +57,8 @@ class LearnedRanges:
 
         s = self.qat["settings"]
         return QuantizeSettings(method=s["method"], percentile=float(s["percentile"]),
-                                float_from_stride=int(s["float_from_stride"]), keep_float=tuple(s["keep_float"]))
+                                float_from_stride=int(s["float_from_stride"]), keep_float=tuple(s["keep_float"]),
+                                placement=s.get("placement", "onnxruntime"))  # written since placements exist
 
     def qdq_model(self, src: Path):
         """The Q/DQ ONNX of ``src`` (the checkpoint's own float export) with the learned scales."""
@@ -155,8 +157,10 @@ def check_qat_meta(qat, where: str) -> dict:
     s = qat["settings"]
     if not (isinstance(s.get("method"), str) and _number(s.get("percentile"))
             and isinstance(s.get("float_from_stride"), int) and s["float_from_stride"] >= 0
-            and isinstance(s.get("keep_float"), list) and all(isinstance(n, str) and n for n in s["keep_float"])):
-        fail("meta.qat.settings must hold method, percentile, float_from_stride and keep_float")
+            and isinstance(s.get("keep_float"), list) and all(isinstance(n, str) and n for n in s["keep_float"])
+            and s.get("placement", "onnxruntime") in PLACEMENTS):
+        fail("meta.qat.settings must hold method, percentile, float_from_stride and keep_float "
+             f"(and a placement of {', '.join(PLACEMENTS)})")
     if not qat["scales"] or not all(isinstance(k, str) and _number(v) and v > 0 for k, v in qat["scales"].items()):
         fail("meta.qat.scales must map scale names to positive numbers")
     if not all(isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(_number(x) for x in v)

@@ -95,6 +95,9 @@ class QatRun:
 
         self.device = select_device(c.device)
         base = QuantizeSettings.from_target(target)
+        if base.activations != "symmetric":
+            raise EdgeYoloError(f"target {target.name} quantises activations asymmetrically; QAT learns "
+                                "symmetric scales (the graph TensorRT takes): train for jetson-int8 or cuda-int8")
         self.settings = dc.replace(
             base, **{k: v for k, v in (("method", c.method), ("float_from_stride", c.float_from_stride),
                                        ("keep_float", c.keep_float)) if v is not None})
@@ -257,7 +260,7 @@ class QatRun:
             **({"refit": self.refit} if self.refit else {}),
             "settings": {"method": self.settings.method, "percentile": self.settings.percentile,
                          "float_from_stride": self.settings.float_from_stride,
-                         "keep_float": list(self.settings.keep_float)},
+                         "keep_float": list(self.settings.keep_float), "placement": self.settings.placement},
             "export": self.export,
             "calibration": {k: calib[k] for k in ("source", "images", "images_sha256", "seed")},
             "training": {"data": str(c.data), "images": len(self.images), "epochs": c.epochs, "batch": c.batch,
