@@ -102,8 +102,9 @@ def eval_phase(args) -> None:
         settings = learned.qat["settings"]
         for target_name in args.targets:
             target = load_target(target_name)
-            if target.backend == "onnxruntime":  # PTQ with the placement QAT trained
-                target = dataclasses.replace(target, calibration={**target.calibration, **settings})
+            if target.backend == "onnxruntime":  # PTQ with the placement QAT trained (symmetric, as QAT)
+                target = dataclasses.replace(target, calibration={**target.calibration, **settings,
+                                                                  "activations": "symmetric"})
             if not args.only_qat:
                 row(f"{target_name}-{run}-ptq", WEIGHTS, target, prepare_calibration(WEIGHTS, target, str(COCO128), 128))
             row(f"{target_name}-{run}-qat", checkpoint, dataclasses.replace(
@@ -173,7 +174,8 @@ def speed(args) -> None:
             if name not in bundles and not args.only_qat:
                 target = load_target(target_name)
                 if target.backend == "onnxruntime":
-                    target = dataclasses.replace(target, calibration={**target.calibration, **settings})
+                    target = dataclasses.replace(target, calibration={**target.calibration, **settings,
+                                                                      "activations": "symmetric"})
                 calibration = prepare_calibration(WEIGHTS, target, str(COCO128), 128)
                 bundles[name] = build_bundle(WEIGHTS, target, out / "bundles" / f"speed-{name}",
                                              calibration=calibration).path

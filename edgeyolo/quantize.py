@@ -1,15 +1,19 @@
 """Explicit INT8: our ONNX → a Q/DQ ONNX calibrated on the user's images (ONNX Runtime's quantiser).
 
 The Q/DQ ONNX is the portable INT8 artefact. ONNX Runtime runs it on a CPU (``cpu-int8``)
-and TensorRT compiles it on the device (``cuda-int8``, ``jetson-int8``), so its accuracy is
-measured on any machine before a device is flashed.
+and TensorRT compiles it on the device (``cuda-int8``, ``jetson-int8``); either is measured on
+any machine before a device is flashed (a TensorRT bundle's ONNX on ONNX Runtime).
 
-The placement, chosen for TensorRT; the defaults in ``targets/*-int8.toml`` were chosen on a
-held-out split of coco-tune-1193 (``docs/int8.md``, ``benchmarks/bench_int8.py``):
+The scheme; the defaults in ``targets/*-int8.toml`` were chosen on held-out images of
+coco-tune-1193 and coco128 (``docs/int8.md``, ``benchmarks/bench_int8.py``):
 
-- weights int8, symmetric, per output channel; activations int8, symmetric (zero point 0, the
-  only form TensorRT takes), stored as uint8 around 128 for ONNX Runtime's x86 integer kernels
-  (``backends/trt/encoding.py`` turns that into int8 exactly);
+- weights int8, symmetric, per output channel; activations ``symmetric`` (zero point 0, the only
+  form TensorRT takes), stored as uint8 around 128 for ONNX Runtime's x86 integer kernels
+  (``backends/trt/encoding.py`` turns that into int8 exactly), or ``asymmetric`` (``cpu-int8``:
+  uint8 with each tensor's own zero point, all 256 steps over a SiLU output's [-0.28, max]);
+- ``placement``: ``onnxruntime`` puts Q/DQ on every quantisable op's inputs and outputs (ONNX
+  Runtime fuses an integer convolution only between a DQ and a Q); ``tensorrt`` drops the pairs
+  between a convolution and its SiLU (TensorRT fuses Conv+BN+SiLU into one INT8 layer);
 - activation ranges from the calibration images by ``method``: ``mean-minmax`` (each image's
   min/max, averaged), ``minmax``, ``entropy`` or ``percentile``; a convolution feeding a SiLU
   keeps negatives only down to ``-max(positive range, 6)``: SiLU maps anything below that to ~0;
@@ -296,7 +300,8 @@ def calibrate_ranges(src: Path, calibration, settings: QuantizeSettings) -> Rang
 def write_qdq(src: Path, ranges: Ranges, settings: QuantizeSettings, extra_float=()):
     """The Q/DQ model of ``src`` with ``ranges``: head decode, coarse stages and ``extra_float`` nodes left float.
 
-    Returns (model, how many Q/DQ pairs were removed from the head convolutions' outputs).
+    Returns (model, how many Q/DQ pairs were removed: on the head convolutions' outputs, and inside
+    each SiLU where ``placement`` is ``tensorrt``).
     """
     import onnx
 

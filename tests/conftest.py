@@ -124,6 +124,14 @@ def int8_calibration(request, yolov5n_pt, coco128):
     return _calibration(yolov5n_pt, coco128, QUICK_CALIBRATION_IMAGES)
 
 
+@pytest.fixture(scope="session")
+def quick_int8_calibration(request, yolov5n_pt, coco128):
+    """QUICK_CALIBRATION_IMAGES images in every run: for INT8 bundles whose structure, not accuracy, is tested."""
+    if not _runs_slow_tests(request.session):
+        return request.getfixturevalue("int8_calibration")
+    return _calibration(yolov5n_pt, coco128, QUICK_CALIBRATION_IMAGES)
+
+
 def _build(weights, target, tmp_path_factory, calibration=None) -> Path:
     from edgeyolo.build import build_bundle
 
@@ -132,8 +140,24 @@ def _build(weights, target, tmp_path_factory, calibration=None) -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_int8_bundle(yolov5n_pt, int8_calibration, tmp_path_factory) -> Path:
-    """cpu-int8 (the Q/DQ ONNX the NVIDIA int8 targets share), built once per session."""
+    """cpu-int8 (ONNX Runtime's Q/DQ ONNX, asymmetric activations), built once per session."""
     return _build(yolov5n_pt, "cpu-int8", tmp_path_factory, int8_calibration)
+
+
+@pytest.fixture(scope="session")
+def symmetric_int8_bundle(yolov5n_pt, quick_int8_calibration, tmp_path_factory) -> Path:
+    """cpu-int8 with symmetric activations: the Q/DQ ONNX the NVIDIA int8 targets compile, on ONNX Runtime
+    (a jetson-int8 build from the same images in the same process reuses its weight re-fit)."""
+    import dataclasses
+
+    from edgeyolo.build import build_bundle
+    from edgeyolo.targets import load_target
+
+    base = load_target("cpu-int8")
+    target = dataclasses.replace(base, name="cpu-int8-symmetric",
+                                 calibration={**base.calibration, "activations": "symmetric"})
+    out = tmp_path_factory.mktemp("bundles") / target.name
+    return build_bundle(yolov5n_pt, target, out, calibration=quick_int8_calibration).path
 
 
 def assert_calibrated_on_coco128(bundle) -> None:

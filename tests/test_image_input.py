@@ -95,7 +95,7 @@ def test_the_float_graph_is_unchanged_behind_the_new_input(tmp_path, exported_on
 
 
 def test_cpu_int8_keeps_the_float_input_of_the_nvidia_graph(cpu_int8_bundle, cpu_fp32_bundle):
-    """cpu-int8's ONNX is the Q/DQ graph cuda-int8 / jetson-int8 compile: no nodes prepended to it."""
+    """cpu-int8's ONNX has the Q/DQ placement cuda-int8 / jetson-int8 compile: no nodes prepended to it."""
     from edgeyolo.bundle import load_bundle
 
     assert load_bundle(cpu_int8_bundle).manifest["input"].get("dtype", "float32") == "float32"

@@ -34,8 +34,9 @@ def sigmoid_onnx(exported_onnx):
 
 
 @pytest.fixture(scope="session")
-def qdq_model(cpu_int8_bundle):
-    return onnx.load(str(load_bundle(cpu_int8_bundle).file("onnx")))
+def qdq_model(symmetric_int8_bundle):
+    """The symmetric Q/DQ graph (what TensorRT takes)."""
+    return onnx.load(str(load_bundle(symmetric_int8_bundle).file("onnx")))
 
 
 def _initializers(model) -> dict:

@@ -201,16 +201,16 @@ def test_calibration_algorithms():
 
 # --------------------------------------------------------------------------- the portable bundle
 @pytest.fixture(scope="session")
-def jetson_int8_bundle(yolov5n_pt, int8_calibration, tmp_path_factory):
+def jetson_int8_bundle(yolov5n_pt, quick_int8_calibration, tmp_path_factory):
     from edgeyolo.build import build_bundle
 
     if gpu_count():
         pytest.skip("a GPU is present: builds compile engines instead of portable bundles")
     out = tmp_path_factory.mktemp("trt") / "jetson-int8"
-    return build_bundle(yolov5n_pt, "jetson-int8", out, calibration=int8_calibration)
+    return build_bundle(yolov5n_pt, "jetson-int8", out, calibration=quick_int8_calibration)
 
 
-def test_portable_int8_bundle_holds_the_qdq_graph_and_the_fp_graph(jetson_int8_bundle, int8_calibration):
+def test_portable_int8_bundle_holds_the_qdq_graph_and_the_fp_graph(jetson_int8_bundle, quick_int8_calibration):
     bundle = load_bundle(jetson_int8_bundle.path)
     backend = bundle.manifest["backend"]
     assert backend["name"] == "tensorrt" and backend["portable"] is True and backend["version"] is None
@@ -224,7 +224,7 @@ def test_portable_int8_bundle_holds_the_qdq_graph_and_the_fp_graph(jetson_int8_b
     fp = onnx.load(str(bundle.file("onnx_fp")))
     assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in fp.graph.node}
     calib = bundle.manifest["calibration"]
-    assert calib["images"] == len(int8_calibration) and calib["method"] and backend["quantization"]["method"] in calib["method"]
+    assert calib["images"] == len(quick_int8_calibration) and calib["method"] and backend["quantization"]["method"] in calib["method"]
 
 
 def test_portable_fp16_bundle(yolov5n_pt, images, tmp_path):
@@ -244,18 +244,30 @@ def test_portable_fp16_bundle(yolov5n_pt, images, tmp_path):
     assert boxes.max() < 2.0 and scores.max() < 0.03  # pixels at 640, probabilities: FP16 rounding only
 
 
-def test_same_qdq_graph_as_cpu_int8(jetson_int8_bundle, cpu_int8_bundle):
-    """jetson-int8's Q/DQ ONNX is cpu-int8's graph, so its CPU accuracy is cpu-int8's."""
+def test_same_qdq_graph_as_symmetric_cpu_int8(jetson_int8_bundle, symmetric_int8_bundle, cpu_int8_bundle):
+    """jetson-int8's Q/DQ ONNX is cpu-int8's graph with symmetric activations (TensorRT takes no zero
+    points), so its CPU accuracy is that graph's; cpu-int8 itself has the same placement, asymmetric."""
+    def nodes(model):
+        return [(n.op_type, list(n.input)) for n in model.graph.node]
+
+    def arrays(model):
+        return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
     ours = onnx.load(str(jetson_int8_bundle.file("onnx")))
-    cpu = onnx.load(str(load_bundle(cpu_int8_bundle).file("onnx")))
-    assert [(n.op_type, list(n.input)) for n in ours.graph.node] == [(n.op_type, list(n.input)) for n in cpu.graph.node]
-    ours_w = {i.name: onnx.numpy_helper.to_array(i) for i in ours.graph.initializer}
-    cpu_w = {i.name: onnx.numpy_helper.to_array(i) for i in cpu.graph.initializer}
+    cpu = onnx.load(str(load_bundle(symmetric_int8_bundle).file("onnx")))
+    assert nodes(ours) == nodes(cpu)
+    ours_w, cpu_w = arrays(ours), arrays(cpu)
     assert ours_w.keys() == cpu_w.keys()
     assert all(np.array_equal(ours_w[k], cpu_w[k]) for k in ours_w)
+    asymmetric = onnx.load(str(load_bundle(cpu_int8_bundle).file("onnx")))
+    assert nodes(asymmetric) == nodes(ours)
+    zero_points = {n.input[2] for n in ours.graph.node if n.op_type == "QuantizeLinear"}
+    assert all(int(ours_w[z]) == 128 for z in zero_points)
+    assert sum(int(arrays(asymmetric)[z]) != 128 for z in zero_points) > 50
 
 
-def test_eval_on_onnxruntime_gives_cpu_int8_numbers(jetson_int8_bundle, cpu_int8_bundle, coco_val_dataset):
+def test_eval_on_onnxruntime_gives_the_symmetric_graphs_numbers(jetson_int8_bundle, symmetric_int8_bundle,
+                                                               coco_val_dataset):
     from edgeyolo.evaluate import evaluate
     from edgeyolo.gate import load_for_eval
     from edgeyolo.runtime import load
@@ -264,7 +276,7 @@ def test_eval_on_onnxruntime_gives_cpu_int8_numbers(jetson_int8_bundle, cpu_int8
     fallback = load_for_eval(load_bundle(jetson_int8_bundle.path))  # no TensorRT here: its ONNX on onnxruntime
     assert fallback.engine.info["backend"] == "onnxruntime"
     ours = evaluate(fallback, dataset, limit=10)  # the same graph: equal on any images, ten are plenty
-    cpu = evaluate(load(cpu_int8_bundle), dataset, limit=10)
+    cpu = evaluate(load(symmetric_int8_bundle), dataset, limit=10)
     assert ours.map50_95 == pytest.approx(cpu.map50_95, abs=1e-9) and ours.map50 == pytest.approx(cpu.map50, abs=1e-9)
 
 
@@ -300,7 +312,7 @@ def test_compile_plan_picks_the_graph_per_tensorrt_version(jetson_int8_bundle, t
     assert plan_compile(forced, "8.6.2", EngineCache([tmp_path / "none"])).mode == "int8-implicit"
 
 
-def test_implicit_calibration_reloads_the_bundles_images(jetson_int8_bundle, int8_calibration):
+def test_implicit_calibration_reloads_the_bundles_images(jetson_int8_bundle, quick_int8_calibration):
     """On the device, the calibration set is rebuilt from the manifest: same images, same letterbox."""
     from edgeyolo.backends.tensorrt import (
         CompileJob,
@@ -311,7 +323,7 @@ def test_implicit_calibration_reloads_the_bundles_images(jetson_int8_bundle, int
     job = CompileJob.from_bundle(load_bundle(jetson_int8_bundle.path))
     calibration = load_calibration_for(job, (1, 3, 640, 640))
     assert calibration.describe()["images_sha256"] == job.calibration_facts["images_sha256"]
-    assert len(CalibrationBatches(calibration, (1, 3, 640, 640))) == len(int8_calibration)
+    assert len(CalibrationBatches(calibration, (1, 3, 640, 640))) == len(quick_int8_calibration)
     tensors = head_tensors(onnx.load(str(job.fp_onnx)))
     assert "output0" in tensors and len(tensors) >= 3 + 12  # 3 conv outputs + reshape/transpose/sigmoid/concat
     with pytest.raises(EdgeYoloError, match="calibration images on this device"):

@@ -1,9 +1,10 @@
 """Fake quantisers with the deployed arithmetic (ONNX Runtime's QDQ format, TensorRT's explicit INT8).
 
 Activations: per-tensor, stored as uint8 around zero point 128 when symmetric (``quantize.py``), so
-``q = clamp(round(x / s) + 128, 0, 255)``; an asymmetric graph's own zero point takes 128's place. The scale is learned LSQ-style (Esser et al., 2020):
-rounding passes the gradient straight through, the clamp and the scale do not, so the scale
-receives the gradient of both its rounding and its clipping error. It is parametrised as
+``q = clamp(round(x / s) + 128, 0, 255)``; an asymmetric graph's own zero point takes 128's place.
+The scale is learned LSQ-style (Esser et al., 2020): rounding passes the gradient straight
+through, the clamp and the scale do not, so the scale receives the gradient of both its rounding
+and its clipping error. It is parametrised as
 ``initial · exp(g)``: it stays positive, Adam steps are relative, and before any step it is the
 calibrated float32 scale bit for bit (rounding ties depend on that last bit).
 
@@ -26,7 +27,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class ActivationQuantizer(nn.Module):
-    """One QuantizeLinear→DequantizeLinear pair: uint8, its zero point (128: symmetric), a learnable (or fixed) scale."""
+    """One QuantizeLinear→DequantizeLinear pair: uint8, its zero point (128: symmetric), a learnable scale."""
 
     def __init__(self, scale: float, learnable: bool = True, zero_point: int = ACT_ZERO_POINT):
         super().__init__()

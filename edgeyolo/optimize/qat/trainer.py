@@ -41,7 +41,7 @@ class QatConfig:
     data: str
     calib: str
     out: str
-    target: str = "cpu-int8"
+    target: str = "jetson-int8"
     imgsz: int = 640
     calib_imgsz: int | None = None  # calibrate the initial ranges at this size (default: imgsz)
     epochs: int = 1
@@ -90,7 +90,7 @@ class QatRun:
             raise EdgeYoloError(f"target {target.name} is {target.precision}; QAT needs an INT8 target")
         if target.backend not in QDQ_BACKENDS:
             raise EdgeYoloError(f"target {target.name} ({target.backend}) cannot take learned ranges: its converter "
-                                f"quantises on its own; train for cpu-int8 and build {target.name} with PTQ")
+                                f"quantises on its own; train for jetson-int8 and build {target.name} with PTQ")
         from ...train.trainer import select_device
 
         self.device = select_device(c.device)
