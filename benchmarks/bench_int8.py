@@ -2,6 +2,7 @@
 
     python benchmarks/bench_int8.py study  [--out int8-study]   # the first study: everything on the tune split
     python benchmarks/bench_int8.py choose [--out int8-study]   # compare recipes on the tune split AND coco128 folds
+    python benchmarks/bench_int8.py noise --candidates BASE OTHER...  # how noisy a comparison on n images is
     python benchmarks/bench_int8.py final  [--out int8-study]   # report: each INT8 target's defaults, coco-val-500
     python benchmarks/bench_int8.py speed  [--out int8-study]   # FP32 vs the final INT8 bundles, interleaved
 
@@ -338,6 +339,54 @@ def choose(args) -> None:
     print(json.dumps({"fp32": fp32, "drops": table}, indent=2))
 
 
+def noise(args) -> None:
+    """How far apart two recipes' drops land by chance on n images: the decision rule's error bars.
+
+    Each candidate's tune-set bundle (``choose`` built it, calibrated on coco128) is evaluated once on
+    all of coco-tune-1193, keeping its detections; then ``--draws`` seeded subsets of n images are
+    scored for every candidate, and the spread of (candidate − first candidate) gives the standard
+    deviation of a paired comparison on n images. Written to ``OUT/noise.json``.
+    """
+    import numpy as np
+
+    import edgeyolo.evaluate as ev
+    from edgeyolo.bundle import load_bundle
+    from edgeyolo.datasets import load_dataset
+    from edgeyolo.gate import load_for_eval
+
+    s = Study(Path(args.out))
+    wide = load_dataset(TUNE)
+    names = ["fp32", *args.candidates]
+    scored = {}  # name -> (images, annotations, predictions, class names), as evaluate() hands them to coco_map
+    score = ev.coco_map
+    try:
+        for name in names:
+            ev.coco_map = lambda *parts, name=name: scored.__setitem__(name, parts) or score(*parts)  # noqa: E731
+            ev.evaluate(load_for_eval(load_bundle(Path(s.done[("choose", f"{name}-tune")]["bundle"]))), wide)
+    finally:
+        ev.coco_map = score
+
+    def subset_map(name, keep):
+        images, annotations, predictions, classes = scored[name]
+        return score([i for i in images if i["id"] in keep], [a for a in annotations if a["image_id"] in keep],
+                     [p for p in predictions if p["image_id"] in keep], classes)[0] * 100
+
+    ids = [image["id"] for image in scored["fp32"][0]]
+    rng = random.Random(SPLIT_SEED)
+    report = {"images": len(ids), "draws": args.draws, "baseline": args.candidates[0], "sizes": {}}
+    for size in args.noise_sizes:
+        gaps = {name: [] for name in args.candidates[1:]}
+        for _ in range(args.draws):
+            keep = set(rng.sample(ids, size))
+            maps = {name: subset_map(name, keep) for name in args.candidates}
+            for name in gaps:
+                gaps[name].append(maps[name] - maps[args.candidates[0]])
+        report["sizes"][size] = {name: {"mean": round(float(np.mean(g)), 3), "sd": round(float(np.std(g)), 3)}
+                                 for name, g in gaps.items()}
+        print(json.dumps({size: report["sizes"][size]}), file=sys.stderr, flush=True)
+    (Path(args.out) / "noise.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
 def final(args) -> None:
     """The one measurement on coco-val-500: FP32 and each INT8 target's defaults (its own TOML, no overrides)."""
     from edgeyolo.datasets import load_dataset
@@ -367,7 +416,7 @@ def speed(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=("study", "choose", "final", "speed"))
+    parser.add_argument("phase", choices=("study", "choose", "noise", "final", "speed"))
     parser.add_argument("--out", default="int8-study")
     parser.add_argument("--methods", nargs="*", default=["mean-minmax", "percentile:99.99", "entropy"],
                         help="study: Q/DQ estimators (percentile:P for a percentile)")
@@ -379,10 +428,12 @@ def main(argv=None) -> None:
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="choose: recipes to compare")
     parser.add_argument("--tune-only", action="store_true", help="choose: the tune set only (no coco128 folds)")
     parser.add_argument("--wide", action="store_true", help="choose: also all of coco-tune-1193 (tune + pool)")
+    parser.add_argument("--noise-sizes", type=int, nargs="*", default=[64, 128, 400], help="noise: subset sizes")
+    parser.add_argument("--draws", type=int, default=40, help="noise: subsets per size")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)
-    {"study": study, "choose": choose, "final": final, "speed": speed}[args.phase](args)
+    {"study": study, "choose": choose, "noise": noise, "final": final, "speed": speed}[args.phase](args)
 
 
 if __name__ == "__main__":
