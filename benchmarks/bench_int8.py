@@ -39,7 +39,8 @@ TUNE_COUNT = 400
 PROXY_IMAGES = 64  # the proxy recorded beside each variant's mAP
 RANKING_IMAGES = 16  # the per-layer ranking (26 variants): the first 16 of those
 # the recipes before this study (chosen on coco-val-500 itself), rebuilt for the comparison
-TODAY = {"cpu-int8": {"method": "mean-minmax", "float_from_stride": 32, "keep_float": [], "bias_correction": False},
+TODAY = {"cpu-int8": {"method": "mean-minmax", "float_from_stride": 32, "keep_float": [], "bias_correction": False,
+                      "refit": False, "activations": "symmetric", "placement": "onnxruntime"},
          "intel-cpu-int8": {"openvino_activations_range": "histogram", "keep_float": []}}
 WEIGHTS = FIXTURES / "weights" / "yolov5n.pt"
 COCO128 = FIXTURES / "coco128" / "images"
@@ -215,7 +216,7 @@ def study(args) -> None:
         method, _, pct = spec.partition(":")
         extra = {"percentile": float(pct)} if pct else {}
         name = f"qdq-all-{method}" + (f"-{pct}" if pct else "")
-        s.variant("tune", name, "cpu-int8", tune, method=method, float_from_stride=0, keep_float=[], **extra)
+        s.variant("tune", name, "cpu-int8", tune, **{**FIRST_STUDY, "method": method, **extra})
     best = best_of(s, "tune", "qdq-all-")
     recipe = dict(best["recipe"])
     for size in args.sizes:
@@ -237,7 +238,7 @@ def study(args) -> None:
 
 def _qdq(recipe: dict) -> dict:
     keys = ("method", "percentile", "float_from_stride", "keep_float")
-    return {k: recipe[k] for k in keys if k in recipe}
+    return {**FIRST_STUDY, **{k: recipe[k] for k in keys if k in recipe}}
 
 
 def best_of(s: Study, phase: str, prefix: str) -> dict:
@@ -262,7 +263,10 @@ def rank_layers(s: Study, recipe: dict, size: int) -> list[str]:
 
 # recipes compared by ``choose`` (target, [calibration] / [openvino] overrides); see docs/int8.md for the
 # NNCF-placed Q/DQ graph (nncf.quantize on the ONNX) that was compared too and removed
-ALL_INT8 = {"float_from_stride": 0, "keep_float": []}
+# every stage INT8; what a candidate does not name is pinned here, not inherited from the target's defaults
+ALL_INT8 = {"float_from_stride": 0, "keep_float": [], "refit": False, "activations": "symmetric",
+            "placement": "onnxruntime"}
+FIRST_STUDY = {**ALL_INT8, "bias_correction": False}  # the first study's Q/DQ variants: no correction
 CANDIDATES = {
     "cpu-today": ("cpu-int8", TODAY["cpu-int8"]),
     "cpu-today-bc": ("cpu-int8", {**TODAY["cpu-int8"], "bias_correction": True}),
