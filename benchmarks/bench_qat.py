@@ -48,7 +48,8 @@ def train(args) -> None:
     config = QatConfig(weights=str(WEIGHTS), data=str(write_pool(out)), calib=str(COCO128), out=str(out / args.name),
                        imgsz=args.imgsz, calib_imgsz=args.imgsz_calib, epochs=args.epochs, batch=args.batch, lr=args.lr, scale_lr=args.scale_lr,
                        learn_scales=not args.fixed_scales, limit=args.limit, calib_size=128,
-                       float_from_stride=args.float_from_stride, seed=args.seed)
+                       float_from_stride=args.float_from_stride, seed=args.seed,
+                       **({"target": args.target} if args.target else {}))
     start = time.perf_counter()
     QatRun(config).run()
     record(out, {"phase": "train", "name": args.name, "seconds": round(time.perf_counter() - start, 1),
@@ -102,9 +103,9 @@ def eval_phase(args) -> None:
         settings = learned.qat["settings"]
         for target_name in args.targets:
             target = load_target(target_name)
-            if target.backend == "onnxruntime":  # PTQ with the placement QAT trained (symmetric, as QAT)
-                target = dataclasses.replace(target, calibration={**target.calibration, **settings,
-                                                                  "activations": "symmetric"})
+            if target.backend == "onnxruntime":  # PTQ with the placement and activations QAT trained
+                target = dataclasses.replace(target, calibration={**target.calibration, "activations": "symmetric",
+                                                                  **settings})
             if not args.only_qat:
                 row(f"{target_name}-{run}-ptq", WEIGHTS, target, prepare_calibration(WEIGHTS, target, str(COCO128), 128))
             row(f"{target_name}-{run}-qat", checkpoint, dataclasses.replace(
@@ -174,8 +175,8 @@ def speed(args) -> None:
             if name not in bundles and not args.only_qat:
                 target = load_target(target_name)
                 if target.backend == "onnxruntime":
-                    target = dataclasses.replace(target, calibration={**target.calibration, **settings,
-                                                                      "activations": "symmetric"})
+                    target = dataclasses.replace(target, calibration={**target.calibration,
+                                                                      "activations": "symmetric", **settings})
                 calibration = prepare_calibration(WEIGHTS, target, str(COCO128), 128)
                 bundles[name] = build_bundle(WEIGHTS, target, out / "bundles" / f"speed-{name}",
                                              calibration=calibration).path
@@ -212,6 +213,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="train: image order and flips (run-to-run spread)")
     parser.add_argument("--limit", type=int, help="train: images of the pool used (default: all 793)")
     parser.add_argument("--float-from-stride", type=int, help="train: override the target's float stage")
+    parser.add_argument("--target", help="train: the INT8 target whose graph is trained (default: edgeyolo qat's)")
     parser.add_argument("--set", choices=("tune", "coco128", "val"), default="tune")
     parser.add_argument("--runs", nargs="*", default=["default"])
     parser.add_argument("--targets", nargs="*", default=["cpu-int8", "intel-cpu-int8"])

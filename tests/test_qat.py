@@ -268,6 +268,42 @@ def test_fixed_scales_keep_the_calibrated_ones(yolov5n_pt, coco128, tmp_path):
     assert all(qat["scales"][k] == pytest.approx(v, rel=1e-6) for k, v in calibrated.items())
 
 
+def test_asymmetric_qat_keeps_its_zero_points_and_tensorrt_refuses_it(yolov5n_pt, coco128, tmp_path):
+    """QAT of cpu-int8 (asymmetric activations): zero points fixed and recorded, scales learned; builds
+    write them back; a TensorRT target (symmetric only) and an edited zero point are refused in one line."""
+    import onnx
+    from click.testing import CliRunner
+    from onnx import numpy_helper
+
+    from edgeyolo.cli import cli
+    from edgeyolo.model import load_model
+    from edgeyolo.optimize.qat.trainer import QatConfig, QatRun
+
+    run = tmp_path / "run"
+    QatRun(QatConfig(weights=str(yolov5n_pt), data=str(coco128 / "images"), calib=str(coco128 / "images"),
+                     out=str(run), target="cpu-int8", imgsz=IMGSZ, batch=2, limit=4, calib_size=4,
+                     float_from_stride=0, lr=1e-4, scale_lr=1e-2, save_every=0)).run()
+    qat = load_model(run / "qat.safetensors").description["meta"]["qat"]
+    assert qat["settings"]["activations"] == "asymmetric"
+    assert qat["zero_points"].keys() == qat["scales"].keys()
+    assert sum(z != 128 for z in qat["zero_points"].values()) > 20
+    qdq = onnx.load(str(run / "model.qdq.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    for node in (n for n in qdq.graph.node if n.op_type == "QuantizeLinear"):
+        assert int(inits[node.input[2]]) == qat["zero_points"][node.input[1]]
+        assert float(inits[node.input[1]]) == pytest.approx(qat["scales"][node.input[1]], rel=1e-7)
+    for target in ("jetson-int8", "cpu-int8"):
+        weights = run / "qat.safetensors" if target == "jetson-int8" else _tampered(
+            run / "qat.safetensors", tmp_path, lambda q: q["zero_points"].update(
+                {k: (v + 1) % 256 for k, v in list(q["zero_points"].items())[:1]}))
+        out = tmp_path / f"never-{target}"
+        result = CliRunner().invoke(cli, ["build", str(weights), "--target", target, "--imgsz", str(IMGSZ),
+                                          "-o", str(out)])
+        assert result.exit_code == 2, result.output
+        assert ("asymmetric" if target == "jetson-int8" else "zero points") in result.output
+        assert "Traceback" not in result.output and not out.exists()
+
+
 def test_qat_refuses_a_tflite_target(yolov5n_pt, coco128, tmp_path):
     from click.testing import CliRunner
 

@@ -145,21 +145,6 @@ def test_tensorrt_refuses_asymmetric_activations(graphs, tmp_path):
         QuantizeSettings(activations="unsigned")
 
 
-def test_qat_refuses_an_asymmetric_target(yolov5n_pt, coco128, tmp_path):
-    from click.testing import CliRunner
-
-    from edgeyolo.cli import cli
-
-    target = tmp_path / "asym-int8.toml"
-    target.write_text('backend = "onnxruntime"\nprecision = "int8"\nhead = "sigmoid"\n'
-                      '[calibration]\nactivations = "asymmetric"\n')
-    result = CliRunner().invoke(cli, ["qat", str(yolov5n_pt), "--data", str(coco128), "--calib", str(coco128),
-                                      "-o", str(tmp_path / "run"), "--target", str(target)])
-    assert result.exit_code == 2 and "asymmetric" in result.output, result.output
-    assert len(result.output.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists()
-
-
 def test_tensorrt_placement_quantises_layer_inputs_only(graphs):
     from edgeyolo.backends.trt.encoding import to_tensorrt_encoding
     from edgeyolo.optimize.qat.graph import QdqGraph

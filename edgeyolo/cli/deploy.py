@@ -126,6 +126,10 @@ def _learned_ranges(weights, target):
     from ..optimize.qat.learned import learned_ranges_for
 
     learned = learned_ranges_for(weights)
+    if learned is not None and learned.asymmetric and target.backend == "tensorrt":
+        raise EdgeYoloError(f"{weights}: this QAT checkpoint learned asymmetric activations (trained for an "
+                            f"ONNX Runtime target); {target.name} (TensorRT) takes symmetric ones only: "
+                            "train with edgeyolo qat --target jetson-int8")
     if learned is not None and target.backend == "tflite":
         err.print(f"{target.name}: onnx2tf quantises on its own and cannot take a QAT checkpoint's learned ranges; "
                   f"applying the target's PTQ recipe to its (QAT-trained) float weights on --calib", highlight=False)

@@ -13,8 +13,9 @@ from .common import cli, err, progress_bar
 @click.option("--calib", required=True, help="Calibration images for the initial ranges (folder, list file or named set).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("-t", "--target", "target_name", default="jetson-int8", show_default=True,
-              help="INT8 target whose Q/DQ recipe is trained, with symmetric activations (jetson-int8 and "
-                   "cuda-int8 share one); the checkpoint builds cpu-int8, cuda-int8, jetson-int8 and intel-cpu-int8.")
+              help="INT8 target whose Q/DQ recipe is trained: jetson-int8 (= cuda-int8's, symmetric activations) "
+                   "builds cpu-int8, cuda-int8, jetson-int8 and intel-cpu-int8; cpu-int8 (asymmetric) builds "
+                   "cpu-int8 and intel-cpu-int8.")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
 @click.option("--calib-imgsz", type=click.IntRange(min=32), help="Calibrate the initial ranges at this size "

@@ -209,6 +209,10 @@ class QdqGraph(nn.Module):
         """The activation scales by scale-initializer name."""
         return {name.replace("·", "."): float(q.scale.detach()) for name, q in self.quantizers.items()}
 
+    def zero_points(self) -> dict[str, int]:
+        """The activation zero points by scale-initializer name (128 everywhere when symmetric)."""
+        return {name.replace("·", "."): q.zero_point for name, q in self.quantizers.items()}
+
     def scale_parameters(self) -> list[nn.Parameter]:
         return [q.log_gain for q in self.quantizers.values() if q.log_gain.requires_grad]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import EdgeYoloError
-from ...targets import PLACEMENTS
+from ...targets import ACTIVATION_SCHEMES, PLACEMENTS
 
 FORMAT = "edgeyolo-qat"
 VERSION = 1
@@ -59,7 +59,12 @@ class LearnedRanges:
         s = self.qat["settings"]
         return QuantizeSettings(method=s["method"], percentile=float(s["percentile"]),
                                 float_from_stride=int(s["float_from_stride"]), keep_float=tuple(s["keep_float"]),
-                                placement=s.get("placement", "onnxruntime"))  # written since placements exist
+                                placement=s.get("placement", "onnxruntime"),  # recorded since session 7
+                                activations=s.get("activations", "symmetric"))
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.qat["settings"].get("activations", "symmetric") == "asymmetric"
 
     def qdq_model(self, src: Path):
         """The Q/DQ ONNX of ``src`` (the checkpoint's own float export) with the learned scales."""
@@ -73,7 +78,7 @@ class LearnedRanges:
         data = {}
         for tensor, (low, high) in self.qat["ranges"].items():
             learned = scales.get(f"{tensor}_scale")
-            if learned is not None:
+            if learned is not None and not self.asymmetric:  # asymmetric: the calibrated ranges give the zero points
                 low, high = -learned * ACT_HALF_RANGE, learned * ACT_HALF_RANGE
             data[tensor] = q.TensorData(lowest=np.float32(low), highest=np.float32(high))
         settings = self.settings()
@@ -81,6 +86,8 @@ class LearnedRanges:
         qdq, removed = write_qdq(Path(src), Ranges(data=q.TensorsData(q.CalibrationMethod.MinMax, data), clipped=0),
                                  settings, extra_float=kept)
         set_activation_scales(qdq, scales, self.where)
+        if self.asymmetric:
+            check_zero_points(qdq, self.qat["zero_points"], self.where)
         for prop in qdq.metadata_props:
             if prop.key == "quantization":
                 prop.value = f"qdq int8 per-channel weights, quantisation-aware trained ({len(scales)} learned scales)"
@@ -92,7 +99,7 @@ class LearnedRanges:
         import onnx
 
         from ...backends import require
-        from ...quantize import split_head, summarize_qdq
+        from ...quantize import ACTIVATION_FACTS, split_head, summarize_qdq
 
         ort = require("onnxruntime", "onnxruntime")
         qdq, removed, kept = self.qdq_model(Path(src))
@@ -108,7 +115,7 @@ class LearnedRanges:
             "quantization": "qat",
             "placement_from": s["method"],
             "weights": "int8 symmetric per-channel",
-            "activations": "int8 symmetric per-tensor (stored uint8, zero point 128), scales learned by QAT",
+            "activations": ACTIVATION_FACTS[self.settings().activations] + ", scales learned by QAT",
             "learned_scales": len(self.qat["scales"]),
             "images": len(self),
             "float_from_stride": s["float_from_stride"],
@@ -137,6 +144,19 @@ def set_activation_scales(qdq, scales: dict, where: str) -> None:
             init.CopyFrom(numpy_helper.from_array(np.array(scales[init.name], dtype=np.float32), init.name))
 
 
+def check_zero_points(qdq, zero_points: dict, where: str) -> None:
+    """The graph's activation zero points must be the ones QAT trained with (they are fixed, not learned)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in qdq.graph.initializer}
+    for node in qdq.graph.node:
+        if node.op_type == "QuantizeLinear":
+            found = int(numpy_helper.to_array(inits[node.input[2]]))
+            if zero_points.get(node.input[1]) != found:
+                raise EdgeYoloError(f"{where}: the QAT zero points do not fit this model's Q/DQ graph "
+                                    f"({node.input[1]!r}: {zero_points.get(node.input[1])!r} trained, {found} written)")
+
+
 def qat_meta(description: dict) -> dict | None:
     """The ``qat`` part of a native checkpoint's description (``meta.qat``), or None for other checkpoints."""
     meta = (description or {}).get("meta") or {}
@@ -159,9 +179,15 @@ def check_qat_meta(qat, where: str) -> dict:
     if not (isinstance(s.get("method"), str) and _number(s.get("percentile"))
             and isinstance(s.get("float_from_stride"), int) and s["float_from_stride"] >= 0
             and isinstance(s.get("keep_float"), list) and all(isinstance(n, str) and n for n in s["keep_float"])
-            and s.get("placement", "onnxruntime") in PLACEMENTS):
+            and s.get("placement", "onnxruntime") in PLACEMENTS
+            and s.get("activations", "symmetric") in ACTIVATION_SCHEMES):
         fail("meta.qat.settings must hold method, percentile, float_from_stride and keep_float "
-             f"(and a placement of {', '.join(PLACEMENTS)})")
+             f"(and a placement of {', '.join(PLACEMENTS)}, activations of {', '.join(ACTIVATION_SCHEMES)})")
+    if s.get("activations") == "asymmetric" and not (
+            isinstance(qat.get("zero_points"), dict) and qat["zero_points"].keys() == qat["scales"].keys()
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                    for v in qat["zero_points"].values())):
+        fail("meta.qat.zero_points must give every scale an integer zero point in [0, 255]")
     if not qat["scales"] or not all(isinstance(k, str) and _number(v) and v > 0 for k, v in qat["scales"].items()):
         fail("meta.qat.scales must map scale names to positive numbers")
     if not all(isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(_number(x) for x in v)

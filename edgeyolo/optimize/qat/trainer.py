@@ -95,9 +95,6 @@ class QatRun:
 
         self.device = select_device(c.device)
         base = QuantizeSettings.from_target(target)
-        if base.activations != "symmetric":
-            raise EdgeYoloError(f"target {target.name} quantises activations asymmetrically; QAT learns "
-                                "symmetric scales (the graph TensorRT takes): train for jetson-int8 or cuda-int8")
         self.settings = dc.replace(
             base, **{k: v for k, v in (("method", c.method), ("float_from_stride", c.float_from_stride),
                                        ("keep_float", c.keep_float)) if v is not None})
@@ -260,7 +257,8 @@ class QatRun:
             **({"refit": self.refit} if self.refit else {}),
             "settings": {"method": self.settings.method, "percentile": self.settings.percentile,
                          "float_from_stride": self.settings.float_from_stride,
-                         "keep_float": list(self.settings.keep_float), "placement": self.settings.placement},
+                         "keep_float": list(self.settings.keep_float), "placement": self.settings.placement,
+                         "activations": self.settings.activations},
             "export": self.export,
             "calibration": {k: calib[k] for k in ("source", "images", "images_sha256", "seed")},
             "training": {"data": str(c.data), "images": len(self.images), "epochs": c.epochs, "batch": c.batch,
@@ -270,6 +268,7 @@ class QatRun:
                          "final_loss": float(np.mean([h["loss"] for h in recent])) if recent else 0.0},
             "ranges": self.ranges,
             "scales": self.student.scales(),
+            **({"zero_points": self.student.zero_points()} if self.settings.activations == "asymmetric" else {}),
         }
 
     def save(self, final: bool, work: Path | None = None) -> Path:
