@@ -1,8 +1,8 @@
 """Learned INT8 ranges from a QAT checkpoint, handed to a build in place of calibration images.
 
 A build passes a ``LearnedRanges`` where a ``CalibrationSet`` would go. The Q/DQ writers take it
-instead of calibrating: ``quantize_onnx`` (cpu-int8, cuda-int8, jetson-int8: the symmetric graph
-QAT trained, whatever the target's ``activations``) and the OpenVINO backend (intel-cpu-int8
+instead of calibrating: ``quantize_onnx`` (cpu-int8, cuda-int8, jetson-int8: the graph QAT trained,
+with its own ``activations``, whatever the target's) and the OpenVINO backend (intel-cpu-int8
 converts the same Q/DQ ONNX; OpenVINO runs its QuantizeLinear/DequantizeLinear pairs as INT8).
 No torch here: builds import this module.
 
