@@ -504,33 +504,33 @@ def calibrate(q, src: Path, work: Path, calibration, input_name: str, settings: 
     return calibrator.compute_data()
 
 
-def inside_silus(model) -> list[str]:
-    """The tensors between a convolution and its SiLU's output: the convolution's output and the sigmoid's."""
+def silu_convs(model) -> list:
+    """(convolution, its sigmoid) for each convolution whose output only feeds a SiLU (YOLOv5 exports
+    ``x * sigmoid(x)``: the output is read by a Sigmoid and a Mul)."""
     readers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    inside = []
+    pairs = []
     for node in model.graph.node:
-        out = node.output[0] if node.op_type == "Conv" else None
-        if out is None or sorted(n.op_type for n in readers.get(out, ())) != ["Mul", "Sigmoid"]:
-            continue
-        sigmoid = next(n for n in readers[out] if n.op_type == "Sigmoid")
-        inside += [out, sigmoid.output[0]]
-    return inside
+        users = readers.get(node.output[0], []) if node.op_type == "Conv" and node.output else []
+        if {n.op_type for n in users} == {"Sigmoid", "Mul"}:
+            pairs.append((node, next(n for n in users if n.op_type == "Sigmoid")))
+    return pairs
+
+
+def inside_silus(model) -> list[str]:
+    """The tensors between a convolution and its SiLU's output: the convolution's output and the sigmoid's."""
+    return [tensor for conv, sigmoid in silu_convs(model) for tensor in (conv.output[0], sigmoid.output[0])]
 
 
 def clip_silu_inputs(q, ranges, model, floor: float | None = None) -> int:
     """A convolution feeding a SiLU: keep negatives only down to ``-max(its positive range, floor)``."""
     floor = SILU_NEGATIVE_FLOOR if floor is None else floor
-    readers: dict[str, set] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, set()).add(node.op_type)
     clipped = 0
-    for node in model.graph.node:
-        out = node.output[0] if node.output else None
-        if node.op_type != "Conv" or out not in ranges.data or readers.get(out) != {"Sigmoid", "Mul"}:
+    for conv, _ in silu_convs(model):
+        out = conv.output[0]
+        if out not in ranges.data:
             continue
         low, high = (np.asarray(v, dtype=np.float32) for v in ranges.data[out].range_value)
         bound = np.maximum(high, np.float32(floor))
