@@ -106,6 +106,31 @@ def _calibration(weights, coco128, size):
     return prepare_calibration(weights, target, coco128 / "images", size=size)
 
 
+SMALL_IMGSZ = 160  # the quantiser's unit tests: yolov5n exported small, a few coco128 images
+
+
+@pytest.fixture(scope="session")
+def small_onnx(yolov5n_pt, tmp_path_factory):
+    """yolov5n at SMALL_IMGSZ with the sigmoid head (the INT8 targets' export), once per session."""
+    from edgeyolo.export import ExportOptions, export_onnx
+    from edgeyolo.model import load_model
+
+    out = tmp_path_factory.mktemp("small") / "small.onnx"
+    return export_onnx(load_model(yolov5n_pt).model, out,
+                       ExportOptions(imgsz=(SMALL_IMGSZ, SMALL_IMGSZ), head="sigmoid"))
+
+
+def small_calibration(weights, coco128, size, seed=0):
+    """``size`` coco128 images (a seeded draw) letterboxed for a SMALL_IMGSZ cpu-int8 engine."""
+    import dataclasses
+
+    from edgeyolo.build import prepare_calibration
+    from edgeyolo.targets import load_target
+
+    target = dataclasses.replace(load_target("cpu-int8"), imgsz=(SMALL_IMGSZ, SMALL_IMGSZ))
+    return prepare_calibration(weights, target, coco128 / "images", size=size, seed=seed)
+
+
 def _runs_slow_tests(session) -> bool:
     return any(item.get_closest_marker("slow") for item in session.items)
 

@@ -15,37 +15,19 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from conftest import small_calibration
 from edgeyolo.errors import EdgeYoloError
 from edgeyolo.quantize import QuantizeSettings, calibrate_ranges, quantize_onnx, write_qdq
 
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
-SIZE = 160
-
-
-@pytest.fixture(scope="module")
-def small_onnx(yolov5n_pt, tmp_path_factory):
-    from edgeyolo.export import ExportOptions, export_onnx
-    from edgeyolo.model import load_model
-
-    out = tmp_path_factory.mktemp("activations") / "small.onnx"
-    return export_onnx(load_model(yolov5n_pt).model, out, ExportOptions(imgsz=(SIZE, SIZE), head="sigmoid"))
-
-
-def _calibration(yolov5n_pt, coco128, size, seed=0):
-    from edgeyolo.build import prepare_calibration
-    from edgeyolo.targets import load_target
-
-    target = dataclasses.replace(load_target("cpu-int8"), imgsz=(SIZE, SIZE))
-    return prepare_calibration(yolov5n_pt, target, coco128 / "images", size=size, seed=seed)
-
 
 @pytest.fixture(scope="module")
 def graphs(small_onnx, yolov5n_pt, coco128):
     """(float model, symmetric, asymmetric Q/DQ, 12 unseen inputs, inputs-only Q/DQ): one calibration."""
-    fitting = _calibration(yolov5n_pt, coco128, 12)
-    other = _calibration(yolov5n_pt, coco128, 28, seed=1)
+    fitting = small_calibration(yolov5n_pt, coco128, 12)
+    other = small_calibration(yolov5n_pt, coco128, 28, seed=1)
     seen = set(fitting.image_hashes)
     unseen = [x for x, h in zip(other.batches("NCHW", 1), other.image_hashes) if h not in seen][:12]
     assert len(unseen) == 12
@@ -112,7 +94,7 @@ def test_fake_quantiser_computes_onnxruntimes_qdq_for_each_zero_point(graphs):
 
 
 def test_asymmetric_build_records_it_and_refits(small_onnx, yolov5n_pt, coco128, tmp_path):
-    fitting = _calibration(yolov5n_pt, coco128, 4)
+    fitting = small_calibration(yolov5n_pt, coco128, 4)
     settings = QuantizeSettings(float_from_stride=0, refit=True, activations="asymmetric")
     facts = quantize_onnx(small_onnx, tmp_path / "asym.qdq.onnx", fitting, settings)
     assert "asymmetric" in facts["activations"] and "asymmetric" in settings.describe()

@@ -8,41 +8,23 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import small_calibration
 from edgeyolo.errors import EdgeYoloError
 from edgeyolo.quantize import QuantizeSettings, calibrate_ranges, correct_biases, quantize_onnx, write_qdq
 
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
-SIZE = 160
-
-
-@pytest.fixture(scope="module")
-def small_onnx(yolov5n_pt, tmp_path_factory):
-    from edgeyolo.export import ExportOptions, export_onnx
-    from edgeyolo.model import load_model
-
-    out = tmp_path_factory.mktemp("refit") / "small.onnx"
-    return export_onnx(load_model(yolov5n_pt).model, out, ExportOptions(imgsz=(SIZE, SIZE), head="sigmoid"))
-
-
-def _calibration(yolov5n_pt, coco128, size, seed=0):
-    from edgeyolo.build import prepare_calibration
-    from edgeyolo.targets import load_target
-
-    target = dataclasses.replace(load_target("cpu-int8"), imgsz=(SIZE, SIZE))
-    return prepare_calibration(yolov5n_pt, target, coco128 / "images", size=size, seed=seed)
-
 
 @pytest.fixture(scope="module")
 def fitting_images(yolov5n_pt, coco128):
-    return _calibration(yolov5n_pt, coco128, 16)
+    return small_calibration(yolov5n_pt, coco128, 16)
 
 
 @pytest.fixture(scope="module")
 def unseen_inputs(yolov5n_pt, coco128, fitting_images):
     """coco128 images the re-fit never saw (a different seeded draw, minus the fitting ones)."""
-    other = _calibration(yolov5n_pt, coco128, 48, seed=1)
+    other = small_calibration(yolov5n_pt, coco128, 48, seed=1)
     seen = set(fitting_images.image_hashes)
     inputs = [x for x, h in zip(other.batches("NCHW", 1), other.image_hashes) if h not in seen]
     assert len(inputs) >= 16
