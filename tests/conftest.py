@@ -248,7 +248,8 @@ def arm_fp32_bundle(yolov5n_pt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def arm_fp16_bundle(yolov5n_pt, tmp_path_factory) -> Path:
+def arm_fp16_bundle(yolov5n_pt, arm_fp32_bundle, tmp_path_factory) -> Path:
+    """Built after arm-fp32, so it takes the FP16 model of that same conversion (onnx2tf writes both)."""
     pytest.importorskip("onnx2tf")
     return _build(yolov5n_pt, "arm-fp16", tmp_path_factory)
 

@@ -97,6 +97,18 @@ def test_fp16_halves_the_file_and_keeps_detections(cpu_fp32_bundle, arm_fp32_bun
         assert unmatched(expected, got, min_iou=FP16_IOU, box_tol_px=FP16_BOX_PX, score_tol=FP16_SCORE) == []
 
 
+def test_one_conversion_gives_both_float_models(arm_fp32_bundle, arm_fp16_bundle, tmp_path):
+    """arm-fp16 built after arm-fp32 of the same ONNX takes that conversion's FP16 model; another ONNX does not."""
+    from edgeyolo.bundle import load_bundle
+
+    fp32, fp16 = (load_bundle(b).manifest["backend"] for b in (arm_fp32_bundle, arm_fp16_bundle))
+    assert "conversion_reused" not in fp32 and fp32["conversion_seconds"] > 0
+    assert fp16["conversion_reused"] is True
+    (tmp_path / "other.onnx").write_bytes(b"not the same model")
+    assert not convert.reuse_float_conversion(tmp_path / "other.onnx", "fp16", tmp_path / "model.tflite")
+    assert not (tmp_path / "model.tflite").exists()
+
+
 @pytest.mark.slow  # a second onnx2tf conversion
 def test_fp16_accuracy_is_intel_fp16s(arm_fp16_bundle, intel_fp16_bundle, coco_val_dataset):
     """arm-fp16 and intel-cpu-fp16 both run the FP16-rounded weights in f32: their val-setting detections agree

@@ -21,6 +21,9 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import hashlib
+import threading
+
 import cv2
 import numpy as np
 
@@ -50,6 +53,30 @@ def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResu
     require_converter()
     io_dtype = io_dtype_option(target)
     onnx_input, onnx_output = onnx_io_shapes(onnx_path)
+    reused = target.precision in FLOAT_PRECISIONS and reuse_float_conversion(onnx_path, target.precision,
+                                                                              out_dir / ENGINE_FILE)
+    if reused:
+        seconds = 0.0
+        log.info("reused this process's TFLite conversion of the same ONNX for %s", target.precision)
+    else:
+        seconds = convert(onnx_path, target, out_dir, calibration, io_dtype, onnx_input)
+        log.info("converted to TFLite %s in %.1f s", target.precision, seconds)
+    interpreter = open_interpreter(out_dir / ENGINE_FILE, threads=1)
+    tensor_in, tensor_out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    check_shapes(onnx_input, onnx_output, tensor_in["shape"], tensor_out["shape"])
+    return BuildResult(
+        files={"engine": ENGINE_FILE},
+        info={"version": litert_version(), "converter": f"onnx2tf {package_version('onnx2tf')}",
+              "tensorflow": package_version("tensorflow"), "conversion_seconds": round(seconds, 1),
+              **({"conversion_reused": True} if reused else {})},
+        input={"layout": "NHWC", "shape": [int(d) for d in tensor_in["shape"]], "dtype": "float32",
+               **describe_tensor(tensor_in)},
+        output=describe_tensor(tensor_out),
+    )
+
+
+def convert(onnx_path: Path, target, out_dir: Path, calibration, io_dtype: str, onnx_input: list[int]) -> float:
+    """Run the converter process on a copy of ``onnx_path``; writes out_dir/ENGINE_FILE, returns its seconds."""
     with tempfile.TemporaryDirectory(prefix=f"edgeyolo-tflite-{os.getpid()}-") as tmp:
         work = Path(tmp)
         copy_for_converter(onnx_path, work / "model.onnx", target.precision)
@@ -59,21 +86,48 @@ def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResu
         if target.precision == "int8":
             job["calibration"] = write_calibration(calibration, work / "calibration.npy", onnx_input)
             calibration.method = CALIBRATION_METHOD
+        else:
+            job["float_engines"] = {p: f"float-{p}.tflite" for p in FLOAT_PRECISIONS}
         (work / "job.json").write_text(json.dumps(job))
         seconds = run_converter(work, failure_log_path(out_dir))
+        if target.precision in FLOAT_PRECISIONS:
+            remember_float_conversion(onnx_path, {p: (work / f).read_bytes() for p, f in job["float_engines"].items()})
         shutil.move(str(work / ENGINE_FILE), out_dir / ENGINE_FILE)
-    log.info("converted to TFLite %s in %.1f s", target.precision, seconds)
-    interpreter = open_interpreter(out_dir / ENGINE_FILE, threads=1)
-    tensor_in, tensor_out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    check_shapes(onnx_input, onnx_output, tensor_in["shape"], tensor_out["shape"])
-    return BuildResult(
-        files={"engine": ENGINE_FILE},
-        info={"version": litert_version(), "converter": f"onnx2tf {package_version('onnx2tf')}",
-              "tensorflow": package_version("tensorflow"), "conversion_seconds": round(seconds, 1)},
-        input={"layout": "NHWC", "shape": [int(d) for d in tensor_in["shape"]], "dtype": "float32",
-               **describe_tensor(tensor_in)},
-        output=describe_tensor(tensor_out),
-    )
+    return seconds
+
+
+# onnx2tf writes the FP32 and the FP16 model of one ONNX in a single run (tens of seconds): both are kept
+# here, so arm-fp32 then arm-fp16 of one model in one process (``edgeyolo report``, a test session)
+# converts once. Keyed by the ONNX's bytes and the converter's version; in memory only.
+FLOAT_PRECISIONS = ("fp32", "fp16")
+FLOAT_CACHE_BYTES = 256 << 20  # yolov5n: 7.6 + 3.8 MB per conversion; a model above this is kept alone
+_RECENT_FLOATS: dict = {}  # {key: {precision: tflite bytes}}, oldest first
+_FLOATS_LOCK = threading.Lock()
+
+
+def _float_key(onnx_path: Path) -> str:
+    digest = hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()
+    return f"{digest}:onnx2tf {package_version('onnx2tf')}:tensorflow {package_version('tensorflow')}"
+
+
+def remember_float_conversion(onnx_path: Path, models: dict[str, bytes]) -> None:
+    key = _float_key(onnx_path)
+    with _FLOATS_LOCK:
+        _RECENT_FLOATS.pop(key, None)
+        _RECENT_FLOATS[key] = models
+        while len(_RECENT_FLOATS) > 1 and sum(len(b) for m in _RECENT_FLOATS.values()
+                                              for b in m.values()) > FLOAT_CACHE_BYTES:
+            del _RECENT_FLOATS[next(iter(_RECENT_FLOATS))]
+
+
+def reuse_float_conversion(onnx_path: Path, precision: str, dest: Path) -> bool:
+    """Write the remembered ``precision`` model of this very ONNX to ``dest``; False when none is remembered."""
+    with _FLOATS_LOCK:
+        data = _RECENT_FLOATS.get(_float_key(onnx_path), {}).get(precision)
+    if data is None:
+        return False
+    dest.write_bytes(data)
+    return True
 
 
 def check_target(target) -> None:

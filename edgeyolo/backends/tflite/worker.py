@@ -31,8 +31,10 @@ def main(job_path: str) -> None:
     stem = Path(job["onnx"]).stem
     if job["precision"] == "int8":
         Path(job["engine"]).write_bytes(quantize_full_integer(SAVED_MODEL, job))
-    else:
-        shutil.copyfile(Path(SAVED_MODEL) / f"{stem}_{FLOAT_SUFFIXES[job['precision']]}.tflite", job["engine"])
+        return
+    shutil.copyfile(Path(SAVED_MODEL) / f"{stem}_{FLOAT_SUFFIXES[job['precision']]}.tflite", job["engine"])
+    for precision, path in job.get("float_engines", {}).items():  # one conversion writes both float models
+        shutil.copyfile(Path(SAVED_MODEL) / f"{stem}_{FLOAT_SUFFIXES[precision]}.tflite", path)
 
 
 def quantize_full_integer(saved_model: str, job: dict) -> bytes:
