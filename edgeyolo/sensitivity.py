@@ -88,8 +88,15 @@ class OnnxRunner:
         source = model if isinstance(model, (str, Path)) else model.SerializeToString()
         session = ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
                                        providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return [session.run(None, {name: x})[0] for x in self.inputs]
+        spec = session.get_inputs()[0]
+        feed = as_letterbox if spec.type == "tensor(uint8)" else (lambda x: x)
+        return [session.run(None, {spec.name: feed(x)})[0] for x in self.inputs]
+
+
+def as_letterbox(x: np.ndarray) -> np.ndarray:
+    """A network input (RGB float NCHW, k/255) as the BGR uint8 NHWC letterbox it was made from, exactly:
+    for a bundle's ONNX that takes the letterbox itself (``backends.image_input``)."""
+    return np.ascontiguousarray(np.rint(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)[..., ::-1])
 
 
 def proxy_error(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:

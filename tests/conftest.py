@@ -171,8 +171,9 @@ def cpu_int8_bundle(yolov5n_pt, int8_calibration, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def symmetric_int8_bundle(yolov5n_pt, quick_int8_calibration, tmp_path_factory) -> Path:
-    """cpu-int8 with symmetric activations: the Q/DQ ONNX the NVIDIA int8 targets compile, on ONNX Runtime
-    (a jetson-int8 build from the same images in the same process reuses its weight re-fit)."""
+    """cpu-int8 with symmetric activations and the float input: the Q/DQ ONNX the NVIDIA int8 targets
+    compile, on ONNX Runtime (a jetson-int8 build from the same images in the same process reuses its
+    weight re-fit)."""
     import dataclasses
 
     from edgeyolo.build import build_bundle
@@ -180,7 +181,8 @@ def symmetric_int8_bundle(yolov5n_pt, quick_int8_calibration, tmp_path_factory) 
 
     base = load_target("cpu-int8")
     target = dataclasses.replace(base, name="cpu-int8-symmetric",
-                                 calibration={**base.calibration, "activations": "symmetric"})
+                                 calibration={**base.calibration, "activations": "symmetric"},
+                                 backend_options={**base.backend_options, "uint8_input": False})
     out = tmp_path_factory.mktemp("bundles") / target.name
     return build_bundle(yolov5n_pt, target, out, calibration=quick_int8_calibration).path
 

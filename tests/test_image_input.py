@@ -110,12 +110,43 @@ def test_the_float_graph_is_unchanged_behind_the_new_input(tmp_path, exported_on
     boxed = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)
     run = lambda p, x: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]  # noqa: E731
     np.testing.assert_array_equal(run(path, boxed[None]), run(source, to_input(boxed)))
+    # the sensitivity / benchmark runner feeds a network input to either kind of ONNX
+    from edgeyolo.sensitivity import OnnxRunner
+
+    runner = OnnxRunner([to_input(boxed)])
+    np.testing.assert_array_equal(runner(path)[0], runner(source)[0])
 
 
-def test_cpu_int8_keeps_the_float_input_of_the_nvidia_graph(cpu_int8_bundle, cpu_fp32_bundle):
-    """cpu-int8's ONNX has the Q/DQ placement cuda-int8 / jetson-int8 compile: no nodes prepended to it."""
+def test_cpu_int8_takes_the_letterbox_in_front_of_the_nvidia_graph(cpu_int8_bundle, images, tmp_path):
+    """cpu-int8 takes the letterbox like the other CPU targets; behind the four prepended nodes is the
+    float-input Q/DQ graph (the NVIDIA targets' placement), whose outputs fed by host preprocessing are
+    the same, bit for bit."""
+    import onnx
+    import onnxruntime as ort
+
     from edgeyolo.bundle import load_bundle
+    from edgeyolo.runtime import read_image
+    from edgeyolo.runtime.preprocess import LetterboxSettings, letterbox, to_input
 
-    assert load_bundle(cpu_int8_bundle).manifest["input"].get("dtype", "float32") == "float32"
-    assert load_bundle(cpu_int8_bundle).manifest["input"]["shape"] == [1, 3, 640, 640]
-    assert load_bundle(cpu_fp32_bundle).manifest["input"]["dtype"] == "uint8"  # the other CPU targets do take it
+    spec = load_bundle(cpu_int8_bundle).manifest["input"]
+    assert (spec["layout"], spec["dtype"], spec["shape"]) == ("NHWC", "uint8", [1, 640, 640, 3])
+    model = onnx.load(str(cpu_int8_bundle / "model.onnx"))
+    prepended = [n for n in model.graph.node if n.name.startswith("edgeyolo_input_")]
+    assert [n.op_type for n in prepended] == ["Transpose", "Gather", "Cast", "Div"]
+    behind = model.graph.node[len(prepended)]
+    assert (behind.op_type, behind.input[0]) == ("QuantizeLinear", "images_float_nchw")  # the graph's own input Q
+    for node in prepended:
+        model.graph.node.remove(node)
+    model.graph.input.remove(model.graph.input[0])
+    model.graph.input.insert(0, onnx.helper.make_tensor_value_info("images_float_nchw", onnx.TensorProto.FLOAT,
+                                                                   [1, 3, 640, 640]))
+    onnx.save(model, str(tmp_path / "float-input.onnx"))
+
+    def session(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    takes_image, takes_float = session(cpu_int8_bundle / "model.onnx"), session(tmp_path / "float-input.onnx")
+    for path in images[:3]:
+        boxed = letterbox(read_image(path), LetterboxSettings(imgsz=(640, 640), auto=False, stride=32))[0]
+        np.testing.assert_array_equal(takes_image.run(None, {"images": boxed[None]})[0],
+                                      takes_float.run(None, {"images_float_nchw": to_input(boxed)})[0])
