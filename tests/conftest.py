@@ -14,6 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("EDGEYOLO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 REQUIRE_FIXTURES = os.environ.get("EDGEYOLO_REQUIRE_FIXTURES", "") not in ("", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the cores: one OpenMP/torch thread each (set before torch is imported) instead
+    # of two workers each spreading over every core, which costs more in contention than it gains.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def fixture_path(*parts: str) -> Path:
@@ -129,6 +133,29 @@ def small_calibration(weights, coco128, size, seed=0):
 
     target = dataclasses.replace(load_target("cpu-int8"), imgsz=(SMALL_IMGSZ, SMALL_IMGSZ))
     return prepare_calibration(weights, target, coco128 / "images", size=size, seed=seed)
+
+
+# The session's expensive bundles, in two families. Under pytest-xdist (``-n 2 --dist loadgroup``,
+# pyproject.toml) every test that needs one of a family runs in the same worker, so each bundle is
+# still built once; the families go to different workers and the other tests fill in around them.
+EXPENSIVE_FIXTURES = {
+    "onnxruntime-int8": {"cpu_int8_bundle", "symmetric_int8_bundle", "jetson_int8_bundle"},
+    "openvino-tflite-val": {"ov_int8_bundle", "arm_int8_bundle", "arm_fp32_bundle", "arm_fp16_bundle",
+                            "intel_fp16_bundle", "cpu_fp32_coco_val_result"},
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        needs = set(item.fixturenames)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "bundle_fixture" in callspec.params:  # tests that getfixturevalue() it
+            needs.add(callspec.params["bundle_fixture"])
+        for group, fixtures in EXPENSIVE_FIXTURES.items():
+            if needs & fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
 
 
 def _runs_slow_tests(session) -> bool:

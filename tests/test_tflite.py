@@ -86,7 +86,6 @@ def test_int8_accuracy_within_a_point_of_cpu_fp32(cpu_fp32_coco_val_result, arm_
     assert drop <= INT8_MAX_DROP
 
 
-@pytest.mark.slow  # a second onnx2tf conversion
 def test_fp16_halves_the_file_and_keeps_detections(cpu_fp32_bundle, arm_fp32_bundle, arm_fp16_bundle, images):
     fp32_size = (arm_fp32_bundle / "model.tflite").stat().st_size
     assert (arm_fp16_bundle / "model.tflite").stat().st_size < 0.6 * fp32_size
@@ -109,7 +108,7 @@ def test_one_conversion_gives_both_float_models(arm_fp32_bundle, arm_fp16_bundle
     assert not (tmp_path / "model.tflite").exists()
 
 
-@pytest.mark.slow  # a second onnx2tf conversion
+@pytest.mark.slow  # val-setting detections of two engines on coco-val-500 images
 def test_fp16_accuracy_is_intel_fp16s(arm_fp16_bundle, intel_fp16_bundle, coco_val_dataset):
     """arm-fp16 and intel-cpu-fp16 both run the FP16-rounded weights in f32: their val-setting detections agree
     box for box, so intel-cpu-fp16's coco-val-500 accuracy test (test_openvino) covers arm-fp16 too."""
