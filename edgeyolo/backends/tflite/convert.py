@@ -9,6 +9,7 @@ the bundle that was not written.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -17,12 +18,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-
-import hashlib
-import threading
 
 import cv2
 import numpy as np
