@@ -102,14 +102,24 @@ def eval_phase(args) -> None:
         learned = learned_ranges_for(checkpoint)
         settings = learned.qat["settings"]
         for target_name in args.targets:
-            target = load_target(target_name)
-            if target.backend == "onnxruntime":  # PTQ with the placement and activations QAT trained
-                target = dataclasses.replace(target, calibration={**target.calibration, "activations": "symmetric",
-                                                                  **settings})
+            target = ptq_target(target_name, settings)
             if not args.only_qat:
                 row(f"{target_name}-{run}-ptq", WEIGHTS, target, prepare_calibration(WEIGHTS, target, str(COCO128), 128))
             row(f"{target_name}-{run}-qat", checkpoint, dataclasses.replace(
                 target, calibration={**target.calibration, "keep_float": learned.keep_float}), learned)
+
+
+def ptq_target(target_name: str, settings: dict):
+    """The PTQ baseline of a QAT run: an ONNX Runtime target takes the placement and activations QAT
+    trained (symmetric where the run predates the setting); other backends keep their own recipe."""
+    import dataclasses
+
+    from edgeyolo.targets import load_target
+
+    target = load_target(target_name)
+    if target.backend != "onnxruntime":
+        return target
+    return dataclasses.replace(target, calibration={**target.calibration, "activations": "symmetric", **settings})
 
 
 def proxy(args) -> None:
@@ -155,13 +165,10 @@ def proxy(args) -> None:
 
 def speed(args) -> None:
     """End-to-end FPS of each bundle of ``--set``'s eval, interleaved in one process, as a ratio to FP32."""
-    import dataclasses
-
     from bench_common import run_interleaved, write_speed_report
 
     from edgeyolo.build import build_bundle, prepare_calibration
     from edgeyolo.optimize.qat.learned import learned_ranges_for
-    from edgeyolo.targets import load_target
 
     out = Path(args.out)
     bundles = {r["name"]: Path(r["bundle"]) for r in read_results(out) if r["phase"] == f"eval-{args.set}"}
@@ -173,10 +180,7 @@ def speed(args) -> None:
         for target_name in args.targets:
             name = f"{target_name}-{run}-ptq"
             if name not in bundles and not args.only_qat:
-                target = load_target(target_name)
-                if target.backend == "onnxruntime":
-                    target = dataclasses.replace(target, calibration={**target.calibration,
-                                                                      "activations": "symmetric", **settings})
+                target = ptq_target(target_name, settings)
                 calibration = prepare_calibration(WEIGHTS, target, str(COCO128), 128)
                 bundles[name] = build_bundle(WEIGHTS, target, out / "bundles" / f"speed-{name}",
                                              calibration=calibration).path

@@ -104,7 +104,8 @@ def test_one_conversion_gives_both_float_models(arm_fp32_bundle, arm_fp16_bundle
     assert "conversion_reused" not in fp32 and fp32["conversion_seconds"] > 0
     assert fp16["conversion_reused"] is True
     (tmp_path / "other.onnx").write_bytes(b"not the same model")
-    assert not convert.reuse_float_conversion(tmp_path / "other.onnx", "fp16", tmp_path / "model.tflite")
+    assert not convert.reuse_float_conversion(convert.float_conversion_key(tmp_path / "other.onnx"), "fp16",
+                                              tmp_path / "model.tflite")
     assert not (tmp_path / "model.tflite").exists()
 
 

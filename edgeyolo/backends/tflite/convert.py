@@ -52,13 +52,13 @@ def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResu
     require_converter()
     io_dtype = io_dtype_option(target)
     onnx_input, onnx_output = onnx_io_shapes(onnx_path)
-    reused = target.precision in FLOAT_PRECISIONS and reuse_float_conversion(onnx_path, target.precision,
-                                                                              out_dir / ENGINE_FILE)
+    float_key = float_conversion_key(onnx_path) if target.precision in FLOAT_PRECISIONS else None
+    reused = float_key is not None and reuse_float_conversion(float_key, target.precision, out_dir / ENGINE_FILE)
     if reused:
         seconds = 0.0
         log.info("reused this process's TFLite conversion of the same ONNX for %s", target.precision)
     else:
-        seconds = convert(onnx_path, target, out_dir, calibration, io_dtype, onnx_input)
+        seconds = convert(onnx_path, target, out_dir, calibration, io_dtype, onnx_input, float_key)
         log.info("converted to TFLite %s in %.1f s", target.precision, seconds)
     interpreter = open_interpreter(out_dir / ENGINE_FILE, threads=1)
     tensor_in, tensor_out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
@@ -74,8 +74,11 @@ def build(onnx_path: Path, target, out_dir: Path, calibration=None) -> BuildResu
     )
 
 
-def convert(onnx_path: Path, target, out_dir: Path, calibration, io_dtype: str, onnx_input: list[int]) -> float:
-    """Run the converter process on a copy of ``onnx_path``; writes out_dir/ENGINE_FILE, returns its seconds."""
+def convert(onnx_path: Path, target, out_dir: Path, calibration, io_dtype: str, onnx_input: list[int],
+            float_key: str | None = None) -> float:
+    """Run the converter process on a copy of ``onnx_path``; writes out_dir/ENGINE_FILE, returns its seconds.
+
+    A float conversion keeps both float models under ``float_key`` (``float_conversion_key``)."""
     with tempfile.TemporaryDirectory(prefix=f"edgeyolo-tflite-{os.getpid()}-") as tmp:
         work = Path(tmp)
         copy_for_converter(onnx_path, work / "model.onnx", target.precision)
@@ -85,12 +88,12 @@ def convert(onnx_path: Path, target, out_dir: Path, calibration, io_dtype: str, 
         if target.precision == "int8":
             job["calibration"] = write_calibration(calibration, work / "calibration.npy", onnx_input)
             calibration.method = CALIBRATION_METHOD
-        else:
+        elif float_key is not None:  # the other float model too, for a later build of this ONNX
             job["float_engines"] = {p: f"float-{p}.tflite" for p in FLOAT_PRECISIONS}
         (work / "job.json").write_text(json.dumps(job))
         seconds = run_converter(work, failure_log_path(out_dir))
-        if target.precision in FLOAT_PRECISIONS:
-            remember_float_conversion(onnx_path, {p: (work / f).read_bytes() for p, f in job["float_engines"].items()})
+        if float_key is not None:
+            remember_float_conversion(float_key, {p: (work / f).read_bytes() for p, f in job["float_engines"].items()})
         shutil.move(str(work / ENGINE_FILE), out_dir / ENGINE_FILE)
     return seconds
 
@@ -104,13 +107,13 @@ _RECENT_FLOATS: dict = {}  # {key: {precision: tflite bytes}}, oldest first
 _FLOATS_LOCK = threading.Lock()
 
 
-def _float_key(onnx_path: Path) -> str:
+def float_conversion_key(onnx_path: Path) -> str:
+    """What a float conversion depends on: the ONNX's bytes and the converter's versions."""
     digest = hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()
     return f"{digest}:onnx2tf {package_version('onnx2tf')}:tensorflow {package_version('tensorflow')}"
 
 
-def remember_float_conversion(onnx_path: Path, models: dict[str, bytes]) -> None:
-    key = _float_key(onnx_path)
+def remember_float_conversion(key: str, models: dict[str, bytes]) -> None:
     with _FLOATS_LOCK:
         _RECENT_FLOATS.pop(key, None)
         _RECENT_FLOATS[key] = models
@@ -119,10 +122,10 @@ def remember_float_conversion(onnx_path: Path, models: dict[str, bytes]) -> None
             del _RECENT_FLOATS[next(iter(_RECENT_FLOATS))]
 
 
-def reuse_float_conversion(onnx_path: Path, precision: str, dest: Path) -> bool:
-    """Write the remembered ``precision`` model of this very ONNX to ``dest``; False when none is remembered."""
+def reuse_float_conversion(key: str, precision: str, dest: Path) -> bool:
+    """Write the remembered ``precision`` model under ``key`` to ``dest``; False when none is remembered."""
     with _FLOATS_LOCK:
-        data = _RECENT_FLOATS.get(_float_key(onnx_path), {}).get(precision)
+        data = _RECENT_FLOATS.get(key, {}).get(precision)
     if data is None:
         return False
     dest.write_bytes(data)
